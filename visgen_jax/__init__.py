@@ -1,0 +1,1 @@
+"""visgen_jax: controllable and efficient visual generation in JAX/Flax."""
