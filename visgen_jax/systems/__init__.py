@@ -1,0 +1,30 @@
+"""One thin recipe per system: model + loss + sampler. Nothing generic lives here.
+
+A recipe module has `make(config) -> System`; the trainer knows only `System`.
+"""
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Optional
+
+from visgen_jax.errors import UserError
+
+RECIPES = ('adm',)
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+  # (key, batch) -> params. `batch` is the first global batch (for shapes).
+  init: Callable[[Any, dict], Any]
+  # (params, batch, key) -> (scalar loss, dict of scalar metrics); training mode.
+  loss_fn: Callable[[Any, dict, Any], tuple]
+  # (params, key) -> config.sample.num images [N, H, W, 3] in [-1, 1]; None if the system only trains.
+  sample: Optional[Callable[[Any, Any], Any]] = None
+  # params -> pytree of bools, False for frozen parameters; None trains everything.
+  trainable: Optional[Callable[[Any], Any]] = None
+
+
+def get_system(config) -> System:
+  if config.system not in RECIPES:
+    raise UserError(f'config.system={config.system!r} is not a known system; allowed: {", ".join(RECIPES)}.')
+  return importlib.import_module(f'visgen_jax.systems.{config.system}').make(config)

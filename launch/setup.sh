@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates ./.venv with visgen_jax (CPU JAX) installed; `--tests` adds pytest and the
+# CPU PyTorch parity oracles. Safe to re-run: an existing .venv is reused.
+# Source it (`source launch/setup.sh`) to get the venv activated.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip
+fi
+pip_install() { "$venv/bin/pip" install -q --disable-pip-version-check "$@"; }
+pip_install -e "$root"
+if [ "${1:-}" = "--tests" ]; then
+  # torch first, pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU wheel.
+  pip_install torch==2.13.0
+  pip_install -e "$root[test,parity]"
+fi
+export PATH="$venv/bin:$PATH"

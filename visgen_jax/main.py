@@ -1,0 +1,77 @@
+"""The one entry point.
+
+  python -m visgen_jax.main --config=configs/<experiment>.py[:variant] --workdir=DIR \\
+      [--mode=train|sample] [--config.key=value ...]
+
+Mistakes a user can fix (a wrong key, a value of the wrong type, a missing
+dataset, a mesh the devices cannot form) end with one sentence and exit code 2,
+before anything is written to the workdir.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+from visgen_jax.errors import UserError
+
+MODES = ('train', 'sample')
+
+flags.DEFINE_string('config', None, 'configs/<experiment>.py[:variant]; override keys with --config.key=value.')
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
+flags.DEFINE_string('mode', 'train', f'One of: {", ".join(MODES)}.')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host: TPU pod, SLURM, or the flags below).')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host without a cluster environment).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host without a cluster environment).')
+flags.DEFINE_integer('process_id', None, 'This process index (multi-host without a cluster environment).')
+FLAGS = flags.FLAGS
+
+_overrides = []
+
+
+def _parse_flags(argv):
+  """absl parses our flags; `--config.key=value` overrides are kept for load_config."""
+  _overrides.extend(a[len('--config.'):] for a in argv[1:] if a.startswith('--config.'))
+  try:
+    return FLAGS([a for a in argv if not a.startswith('--config.')])
+  except flags.Error as e:
+    _fail(str(e))
+
+
+def _fail(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def run(argv):
+  del argv
+  from visgen_jax.train import config as config_lib  # after flag parsing: keeps --help fast
+  if not FLAGS.config or not FLAGS.workdir:
+    raise UserError('--config and --workdir are required, e.g. --config=configs/adm_ffhq256.py:tiny --workdir=/tmp/run.')
+  if FLAGS.mode not in MODES:
+    raise UserError(f'--mode={FLAGS.mode} is not one of {", ".join(MODES)}.')
+  config = config_lib.load_config(FLAGS.config, _overrides)
+  config_lib.validate(config)
+  if FLAGS.distributed:
+    import jax
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  from visgen_jax.train import trainer
+  workdir = os.path.abspath(FLAGS.workdir)
+  if FLAGS.mode == 'train':
+    trainer.train(config, workdir)
+  else:
+    trainer.sample_to_pngs(config, workdir)
+
+
+def main():
+  def guarded(argv):
+    try:
+      run(argv)
+    except UserError as e:
+      _fail(str(e))
+  logging.set_verbosity(logging.INFO)
+  app.run(guarded, flags_parser=_parse_flags)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,59 @@
+"""Plain ADM diffusion: guided-diffusion's UNet, ε/learned-variance loss, any sampler."""
+
+import jax
+import jax.numpy as jnp
+
+from visgen_jax.diffusion import losses, samplers, schedules
+from visgen_jax.errors import UserError
+from visgen_jax.models.adm_unet import ADMUNet
+from visgen_jax.systems import System
+
+
+def make_unet(model_config, compute_dtype='float32') -> ADMUNet:
+  """ADMUNet from a config group; 0 means 'off' for num_classes and code_dim."""
+  kwargs = dict(model_config)
+  kwargs['num_classes'] = kwargs['num_classes'] or None
+  kwargs['code_dim'] = kwargs['code_dim'] or None
+  return ADMUNet(**kwargs, dtype=jnp.dtype(compute_dtype))
+
+
+def sampler_options(config) -> dict:
+  return dict(eta=config.sampler.eta, learn_sigma=config.diffusion.learn_sigma)
+
+
+def make(config) -> System:
+  res = config.data.resolution
+  if res != config.model.image_size:
+    raise UserError(f'config.data.resolution={res} differs from config.model.image_size={config.model.image_size}; '
+                    'set them equal.')
+  want_out = 6 if config.diffusion.learn_sigma else 3
+  if config.model.out_channels != want_out:
+    raise UserError(f'config.model.out_channels={config.model.out_channels} but learn_sigma='
+                    f'{config.diffusion.learn_sigma} needs {want_out}.')
+  unet = make_unet(config.model, config.compute_dtype)
+  base = schedules.make_schedule(config.diffusion.noise_schedule, config.diffusion.num_timesteps)
+  sample_schedule = schedules.respace(base, f'ddim{config.sampler.steps}' if config.sampler.name == 'ddim'
+                                      else str(config.sampler.steps))
+
+  def init(key, batch):
+    x = batch['image']
+    return unet.init(key, x, jnp.zeros(x.shape[:1], jnp.int32))['params']
+
+  def loss_fn(params, batch, key):
+    noise_key, dropout_key = jax.random.split(key)
+    model_fn = lambda x_t, t: unet.apply({'params': params}, x_t, t, train=True,
+                                         rngs={'dropout': dropout_key}).astype(jnp.float32)
+    per_example, aux = losses.diffusion_loss(
+        base, model_fn, batch['image'], noise_key, learn_sigma=config.diffusion.learn_sigma,
+        p2_gamma=config.diffusion.p2_gamma, p2_k=config.diffusion.p2_k)
+    return per_example.mean(), {k: jnp.mean(v) for k, v in aux.items()}
+
+  @jax.jit
+  def sample(params, key):
+    noise_key, sample_key = jax.random.split(key)
+    x_T = jax.random.normal(noise_key, (config.sample.num, res, res, 3))
+    denoise_fn = lambda x_t, t: unet.apply({'params': params}, x_t, t).astype(jnp.float32)
+    return samplers.sample(config.sampler.name, sample_key, denoise_fn, sample_schedule, x_T,
+                           **sampler_options(config))
+
+  return System(init=init, loss_fn=loss_fn, sample=sample)
