@@ -1,0 +1,18 @@
+"""Running the CLI in a subprocess, as users do."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args, devices=1, env=None, timeout=600, check=False):
+  """python -m visgen_jax.main ARGS with `devices` simulated CPU devices."""
+  full_env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+                  JAX_PLATFORMS='cpu', **(env or {}))
+  result = subprocess.run([sys.executable, '-m', 'visgen_jax.main', *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+  if check and result.returncode != 0:
+    raise AssertionError(f'exit {result.returncode}\n{result.stderr[-4000:]}')
+  return result
