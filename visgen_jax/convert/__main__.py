@@ -1,0 +1,103 @@
+"""PyTorch checkpoint → Flax params, written with Orbax.
+
+  python -m visgen_jax.convert --kind=guided_diffusion --input=ffhq.pt --output=DIR \\
+      [--config=configs/adm_ffhq256.py[:variant] [--config.model.key=value ...] | --image_size=256]
+
+With --config, the UNet is built from `config.model` (ADMUNet fields). Without
+it, the architecture is inferred from the checkpoint's shapes and --image_size;
+attention heads and dropout are not stored in weights, so pass the config when
+you later build the model. DIR (which must not exist) is written atomically by
+Orbax's StandardCheckpointer; restore it with
+`ocp.StandardCheckpointer().restore(DIR)`. The model fields used are printed as
+JSON on the last line of stdout. Mistakes end with one sentence and exit code 2.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from visgen_jax.errors import UserError
+
+KINDS = ('guided_diffusion',)
+
+flags.DEFINE_enum('kind', 'guided_diffusion', KINDS, 'Checkpoint format of --input.')
+flags.DEFINE_string('input', None, 'PyTorch state dict file (.pt) to convert.')
+flags.DEFINE_string('output', None, 'Directory to write the Flax params to; must not exist yet.')
+flags.DEFINE_string('config', None, 'configs/<experiment>.py[:variant] whose `model` group holds the ADMUNet '
+                    'fields; override keys with --config.key=value.')
+flags.DEFINE_integer('image_size', None, 'Image size in pixels, to place attention layers when the '
+                     'architecture is inferred (no --config).')
+FLAGS = flags.FLAGS
+
+_overrides = []
+
+
+def _parse_flags(argv):
+  _overrides.extend(a[len('--config.'):] for a in argv[1:] if a.startswith('--config.'))
+  try:
+    return FLAGS([a for a in argv if not a.startswith('--config.')])
+  except flags.Error as e:
+    _fail(str(e))
+
+
+def _fail(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _model_kwargs(state_dict) -> dict:
+  """ADMUNet fields from --config, or inferred from the checkpoint and --image_size."""
+  from visgen_jax.convert import guided_diffusion
+  from visgen_jax.models.adm_unet import ADMUNet
+  if FLAGS.config:
+    from visgen_jax.train import config as config_lib
+    config = config_lib.load_config(FLAGS.config, _overrides)
+    if 'model' not in config:
+      raise UserError(f'--config={FLAGS.config} has no `model` group of ADMUNet fields.')
+    kwargs = config.model.to_dict()
+    fields = set(ADMUNet.__dataclass_fields__) - {'parent', 'name'}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+      raise UserError(f'--config={FLAGS.config}: config.model has keys {", ".join(unknown)} that are not '
+                      f'ADMUNet fields; allowed: {", ".join(sorted(fields))}.')
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  if _overrides:
+    raise UserError('--config.key=value overrides need --config.')
+  if not FLAGS.image_size:
+    raise UserError('without --config, --image_size is needed to place the attention layers, e.g. --image_size=256.')
+  return guided_diffusion.infer_unet_config(state_dict, FLAGS.image_size)
+
+
+def run(argv):
+  del argv
+  if not FLAGS.input or not FLAGS.output:
+    raise UserError('--input and --output are required, e.g. --input=model.pt --output=/tmp/params.')
+  output = os.path.abspath(FLAGS.output)
+  if os.path.exists(output):
+    raise UserError(f'--output={FLAGS.output} already exists; choose a new directory.')
+
+  import orbax.checkpoint as ocp
+  from visgen_jax.convert import guided_diffusion
+  from visgen_jax.models.adm_unet import ADMUNet
+  state_dict = guided_diffusion.load_torch_state_dict(FLAGS.input)
+  kwargs = _model_kwargs(state_dict)
+  params = guided_diffusion.convert_unet_state_dict(state_dict, ADMUNet(**kwargs))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(output, params)
+  checkpointer.wait_until_finished()
+  print(json.dumps({'output': output, 'model': kwargs}, default=str))
+
+
+def main():
+  def guarded(argv):
+    try:
+      run(argv)
+    except UserError as e:
+      _fail(str(e))
+  app.run(guarded, flags_parser=_parse_flags)
+
+
+if __name__ == '__main__':
+  main()

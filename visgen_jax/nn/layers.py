@@ -1,0 +1,219 @@
+"""Building blocks of OpenAI's ADM UNet (guided_diffusion), in NHWC.
+
+The order of operations follows guided_diffusion's `nn.py` / `unet.py` exactly
+so that converted PyTorch weights give the same outputs. Parameters are always
+float32; `dtype` is the compute dtype. Weight initialisers match PyTorch's
+defaults (uniform ±1/sqrt(fan_in) kernels) so training from scratch starts
+where guided_diffusion starts; biases start at zero.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from visgen_jax.errors import UserError
+from visgen_jax.nn.attention import dot_product_attention
+
+Dtype = Any
+
+# PyTorch's default for Conv/Linear weights: kaiming_uniform(a=sqrt(5)), which is
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+  """Sinusoidal embedding [B, dim] of (possibly fractional) timesteps t [B].
+
+  Layout [cos(t·f), sin(t·f)] with f_i = max_period^(-i/half), zero-padded to an
+  odd `dim`, as guided_diffusion.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb
+
+
+class GroupNorm32(nn.Module):
+  """GroupNorm over the last (channel) axis, computed in float32.
+
+  guided_diffusion's `normalization(ch)`: 32 groups, eps 1e-5, two-pass
+  variance, affine; the result is cast back to the input dtype.
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    if c % self.num_groups:
+      raise UserError(f'GroupNorm32 at {self.path}: {c} channels are not divisible by '
+                      f'{self.num_groups} groups; use channel counts that are multiples of 32.')
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    h = x.astype(jnp.float32)
+    grouped = h.reshape(*h.shape[:-1], self.num_groups, c // self.num_groups)
+    axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+    mean = grouped.mean(axis=axes, keepdims=True)
+    var = jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
+    h = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(h.shape)
+    return (h * scale + bias).astype(x.dtype)
+
+
+def conv2d(features: int, kernel_size: int = 3, stride: int = 1, *, zero_init: bool = False,
+           dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
+  """A PyTorch-equivalent Conv2d (padding k//2 on every side), NHWC/HWIO.
+
+  Explicit padding (not 'SAME') so that stride 2 pads 1 pixel on both sides like
+  PyTorch. `zero_init` is guided_diffusion's `zero_module`.
+  """
+  pad = kernel_size // 2
+  return nn.Conv(
+      features, (kernel_size, kernel_size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+      dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=nn.initializers.zeros if zero_init else torch_kernel_init,
+      bias_init=nn.initializers.zeros, name=name)
+
+
+def dense(features: int, *, zero_init: bool = False, dtype: Dtype = jnp.float32,
+          name: str | None = None) -> nn.Dense:
+  """A PyTorch-equivalent Linear (also used for 1x1 Conv1d over tokens)."""
+  return nn.Dense(
+      features, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=nn.initializers.zeros if zero_init else torch_kernel_init,
+      bias_init=nn.initializers.zeros, name=name)
+
+
+def upsample_nearest(x):
+  """2x nearest-neighbour upsampling of NHWC x."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def avg_pool2(x):
+  """2x2 average pooling, stride 2 (PyTorch AvgPool2d(2): odd edges dropped)."""
+  return nn.avg_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+
+
+class Upsample(nn.Module):
+  """Nearest 2x upsampling, then (if `use_conv`) a 3x3 conv keeping channels."""
+  use_conv: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = upsample_nearest(x)
+    if self.use_conv:
+      x = conv2d(x.shape[-1], 3, dtype=self.dtype, name='conv')(x)
+    return x
+
+
+class Downsample(nn.Module):
+  """A 3x3 stride-2 conv (padding 1) if `use_conv`, else 2x2 average pooling."""
+  use_conv: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.use_conv:
+      return conv2d(x.shape[-1], 3, stride=2, dtype=self.dtype, name='conv')(x)
+    return avg_pool2(x)
+
+
+class ResBlock(nn.Module):
+  """guided_diffusion's ResBlock, optionally resampling (`up` / `down`).
+
+  in:  GroupNorm32 → SiLU → [resample h and x] → conv3x3
+  emb: SiLU → Linear → (scale, shift) if use_scale_shift_norm else an added bias
+  out: GroupNorm32 (·(1+scale)+shift) → SiLU → Dropout → zero-init conv3x3
+  skip: identity, or a 1x1 conv when the channel count changes.
+
+  `code` [B, code_dim] is an extra global code (DiffusionRig's `detail_cond`):
+  SiLU → Linear (`code_proj`) gives a second (scale, shift) applied right after
+  the time embedding's, or a second added bias without scale-shift norm.
+  """
+  out_channels: int
+  dropout: float = 0.0
+  use_scale_shift_norm: bool = False
+  up: bool = False
+  down: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, emb, code=None, train: bool = False):
+    out_ch = self.out_channels
+    h = nn.silu(GroupNorm32(name='in_norm')(x))
+    if self.up:
+      h, x = upsample_nearest(h), upsample_nearest(x)
+    elif self.down:
+      h, x = avg_pool2(h), avg_pool2(x)
+    h = conv2d(out_ch, 3, dtype=self.dtype, name='in_conv')(h)
+
+    emb_width = 2 * out_ch if self.use_scale_shift_norm else out_ch
+    conds = [dense(emb_width, dtype=self.dtype, name='emb_proj')(nn.silu(emb))]
+    if code is not None:
+      conds.append(dense(emb_width, dtype=self.dtype, name='code_proj')(nn.silu(code)))
+    conds = [c.astype(h.dtype)[:, None, None, :] for c in conds]
+
+    out_norm = GroupNorm32(name='out_norm')
+    if self.use_scale_shift_norm:
+      h = out_norm(h)
+      for cond in conds:
+        scale, shift = jnp.split(cond, 2, axis=-1)
+        h = h * (1 + scale) + shift
+    else:
+      h = out_norm(sum(conds, h))
+    h = nn.silu(h)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = conv2d(out_ch, 3, zero_init=True, dtype=self.dtype, name='out_conv')(h)
+
+    if x.shape[-1] != out_ch:
+      x = conv2d(out_ch, 1, dtype=self.dtype, name='skip')(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """Self-attention over all pixels, with a zero-init output projection.
+
+  GroupNorm32 → qkv (1x1) → multi-head attention with 1/sqrt(sqrt(ch)) on both q
+  and k → proj_out (1x1, zero-init) → residual. `num_head_channels` (if not -1)
+  overrides `num_heads`. The qkv channel layout is per head [q|k|v] (legacy,
+  QKVAttentionLegacy) or [q heads|k heads|v heads] with
+  `use_new_attention_order` (QKVAttention).
+  """
+  num_heads: int = 1
+  num_head_channels: int = -1
+  use_new_attention_order: bool = False
+  attn_impl: str = 'xla'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, height, width, c = x.shape
+    if self.num_head_channels == -1:
+      heads = self.num_heads
+    elif c % self.num_head_channels:
+      raise UserError(f'AttentionBlock at {self.path}: {c} channels are not divisible by '
+                      f'num_head_channels={self.num_head_channels}.')
+    else:
+      heads = c // self.num_head_channels
+    if c % heads:
+      raise UserError(f'AttentionBlock at {self.path}: {c} channels are not divisible by num_heads={heads}.')
+    ch = c // heads
+
+    tokens = x.reshape(b, height * width, c)
+    qkv = dense(3 * c, dtype=self.dtype, name='qkv')(GroupNorm32(name='norm')(tokens))
+    if self.use_new_attention_order:
+      qkv = qkv.reshape(b, height * width, 3, heads, ch)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+      qkv = qkv.reshape(b, height * width, heads, 3, ch)
+      q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+    a = dot_product_attention(q, k, v, impl=self.attn_impl, scale=1 / math.sqrt(ch))
+    a = a.reshape(b, height * width, c)
+    h = dense(c, zero_init=True, dtype=self.dtype, name='proj_out')(a)
+    return (tokens + h).reshape(x.shape)
