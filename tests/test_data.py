@@ -279,6 +279,24 @@ def test_same_seed_same_batches_and_exact_resume():
                                  process_index=1, process_count=2
                                  ).set_state(state)
 
+  # The state is the same on every process: process 0's copy resumes process 1.
+  process0 = pipeline.make_train_iterator(
+      config, local_batch_size=5, seed=7, process_index=0, process_count=2)
+  first_batches(process0, 3)
+  assert process0.get_state() == state
+  resumed = make(7)
+  resumed.set_state(process0.get_state())
+  np.testing.assert_array_equal(next(resumed)['image'], reference[3]['image'])
+
+
+def test_example_batch_matches_real_batches():
+  config = data_config(resolution=(16, 8), random_crop=True)
+  example = pipeline.example_batch(config, 3)
+  batch = next(pipeline.make_train_iterator(config, local_batch_size=3, seed=0))
+  for key in ('image', 'index'):
+    assert example[key].shape == batch[key].shape
+    assert example[key].dtype == batch[key].dtype
+
 
 def test_worker_processes_give_the_same_batches():
   make = lambda workers: pipeline.make_train_iterator(

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import os
 import shutil
 import sys
@@ -266,16 +267,24 @@ def _reused(report: BuildReport) -> BuildReport:
   return report
 
 
+def _below_warning_from_tfds(record: logging.LogRecord) -> bool:
+  return (record.levelno >= logging.WARNING
+          or 'tensorflow_datasets' not in record.pathname)
+
+
 @contextlib.contextmanager
 def _quiet_tfds():
-  """Silences TFDS's banners and progress bars, which name the temp dir."""
+  """Silences TFDS's banners, progress bars and info logs (temp dir names)."""
   from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=g-import-not-at-top
   was_active = tqdm_utils._active  # pylint: disable=protected-access
   tqdm_utils.display_progress_bar(False)
+  absl_logger = logging.getLogger('absl')  # TFDS logs through absl.
+  absl_logger.addFilter(_below_warning_from_tfds)
   try:
     with contextlib.redirect_stdout(io.StringIO()):
       yield
   finally:
+    absl_logger.removeFilter(_below_warning_from_tfds)
     tqdm_utils.display_progress_bar(was_active)
 
 

@@ -7,6 +7,7 @@
                            process_count=jax.process_count())
   batch = next(it)   # {'image': float32 [b, H, W, 3] in [-1, 1], 'index': int32 [b]}
   state = it.get_state()   # JSON-able dict; it.set_state(state) resumes exactly
+  example_batch(config.data, b)   # zeros of a batch's shapes, for init
 
 `data_config` keys: name ('sample' | 'sample_faces' | 'folder'), path (the
 dataset directory for 'folder'), resolution (int or (H, W)), random_flip,
@@ -128,9 +129,11 @@ class DataIterator:
   """Iterator over batches whose position can be saved and restored.
 
   `get_state()` returns a JSON-able dict; `set_state` on an iterator made with
-  the same data config, seed, batch size, process layout and worker count
+  the same data config, seed, batch size, process count and worker count
   (grain's state layout depends on it) resumes exactly where the saved one
-  stopped. Call `close()` (or use `with`) to stop worker processes early.
+  stopped. Processes advance in lockstep, so the state is the same on all of
+  them and saving process 0's copy is enough. Call `close()` (or use `with`)
+  to stop worker processes early.
   """
 
   def __init__(self, dataset: grain.IterDataset, settings: dict):
@@ -225,7 +228,7 @@ def make_train_iterator(data_config, *, local_batch_size: int, seed: int,
   settings = {'kind': 'train', 'seed': seed, 'num_examples': info.num_examples,
               'resolution': augment.crop.hw, 'random_flip': augment.flip,
               'local_batch_size': local_batch_size,
-              'process_index': process_index, 'process_count': process_count,
+              'process_count': process_count,
               'worker_count': int(data_config.get('worker_count', 0))}
   return DataIterator(_iter_dataset(ds, data_config), settings)
 
@@ -245,6 +248,13 @@ def make_eval_iterator(data_config, *, local_batch_size: int,
   ds = ds.batch(local_batch_size, drop_remainder=False)
   settings = {'kind': 'eval', 'num_examples': info.num_examples,
               'resolution': crop.hw, 'local_batch_size': local_batch_size,
-              'process_index': process_index, 'process_count': process_count,
+              'process_count': process_count,
               'worker_count': int(data_config.get('worker_count', 0))}
   return DataIterator(_iter_dataset(ds, data_config), settings)
+
+
+def example_batch(data_config, batch_size: int) -> dict:
+  """Zeros shaped and typed like a batch of `batch_size`, reading no data."""
+  h, w = _train_resolution(data_config)
+  return {'image': np.zeros((batch_size, h, w, 3), np.float32),
+          'index': np.zeros((batch_size,), np.int32)}

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 
+from absl import logging
 import numpy as np
 from PIL import Image
 
@@ -70,8 +71,10 @@ def sample_dataset_dir(flavour: str, resolution, crop: str = 'center') -> str:
   try:
     for name, image in images:
       Image.fromarray(image).save(os.path.join(src, name), compress_level=1)
-    folder.build_image_dataset(src, out, (h, w), crop=crop, seed=0,
-                               exist_ok=True)
+    report = folder.build_image_dataset(src, out, (h, w), crop=crop, seed=0,
+                                        exist_ok=True)
   finally:
     shutil.rmtree(src, ignore_errors=True)
+  logging.info('Sample set %r: %d images in %s', flavour, report.num_examples,
+               out)
   return out
