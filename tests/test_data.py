@@ -219,22 +219,22 @@ def first_batches(iterator, n):
   return [next(iterator) for _ in range(n)]
 
 
-def test_process_shards_are_disjoint_and_cover_the_set():
+def test_processes_read_disjoint_slices_of_the_single_process_batches():
   n = len(sample_set.PHOTOS) + sample_set.NUM_FACES  # 114 = 2 x 3 x 19
-  epochs = []
-  for index in range(2):
-    it = pipeline.make_train_iterator(
-        data_config(), local_batch_size=19, seed=0, process_index=index,
-        process_count=2)
-    batches = first_batches(it, 6)  # Two epochs of the 57-image shard.
-    first = np.concatenate([b['index'] for b in batches[:3]])
-    second = np.concatenate([b['index'] for b in batches[3:]])
-    assert sorted(first) == sorted(second)
-    assert not np.array_equal(first, second)  # Reshuffled each epoch.
-    epochs.append(set(first.tolist()))
-    assert len(epochs[-1]) == n // 2
-  assert not epochs[0] & epochs[1]
-  assert epochs[0] | epochs[1] == set(range(n))
+  make = lambda b, index, count: pipeline.make_train_iterator(
+      data_config(random_flip=True), local_batch_size=b, seed=0,
+      process_index=index, process_count=count)
+  single = first_batches(make(38, 0, 1), 6)  # Two epochs of 3 global batches.
+  parts = [first_batches(make(19, index, 2), 6) for index in range(2)]
+  for k, batch in enumerate(single):
+    for key in ('index', 'image'):
+      np.testing.assert_array_equal(
+          np.concatenate([parts[0][k][key], parts[1][k][key]]), batch[key])
+    assert not set(parts[0][k]['index']) & set(parts[1][k]['index'])
+  first = np.concatenate([b['index'] for b in single[:3]])
+  second = np.concatenate([b['index'] for b in single[3:]])
+  assert sorted(first) == sorted(second) == list(range(n))
+  assert not np.array_equal(first, second)  # Reshuffled each epoch.
 
 
 def test_batches_are_flipped_sources_in_minus_one_one():

@@ -13,10 +13,10 @@
 dataset directory for 'folder'), resolution (int or (H, W)), random_flip,
 random_crop, worker_count, prefetch.
 
-Each process reads only its shard (every process_count-th image, starting at
-process_index), shuffles it with a seed that changes every epoch, and repeats
-forever. Batches depend only on the seed, the shard and the batch size, not on
-timing, threads or worker processes. With random_crop, images stored larger
+The training stream is one global order (reshuffled every epoch, repeated
+forever); each process reads only its slice of every global batch. Batches
+depend only on the seed and the global batch size, not on the number of
+processes, timing, threads or worker processes. With random_crop, images stored larger
 than data.resolution are cropped at a random place (the sample set is then
 built 1/8 larger); otherwise the stored size must equal data.resolution.
 With worker_count > 0 the script needs an `if __name__ == '__main__':` guard.
@@ -221,14 +221,16 @@ def make_train_iterator(data_config, *, local_batch_size: int, seed: int,
   _check_layout(info, local_batch_size, process_index, process_count)
   augment = _Augment(_crop_for(data_config, info, random=True),
                      bool(data_config.get('random_flip', False)))
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.shuffle(seed=_seed32(seed, process_index, 0)).repeat()
-  ds = ds.random_map(augment, seed=_seed32(seed, process_index, 1))
-  ds = ds.batch(local_batch_size)
+  # One global stream of shuffled (per epoch), augmented examples; global batch k
+  # is its elements [k*B, (k+1)*B) and process p reads only its p-th slice of b.
+  # So batches, augmentations and the saved position are the same whether 1 or
+  # N processes read them.
+  ds = grain.MapDataset.source(source).shuffle(seed=_seed32(seed, 0)).repeat()
+  ds = ds.random_map(augment, seed=_seed32(seed, 1))
+  ds = ds.batch(local_batch_size)[process_index::process_count]
   settings = {'kind': 'train', 'seed': seed, 'num_examples': info.num_examples,
               'resolution': augment.crop.hw, 'random_flip': augment.flip,
-              'local_batch_size': local_batch_size,
-              'process_count': process_count,
+              'global_batch_size': local_batch_size * process_count,
               'worker_count': int(data_config.get('worker_count', 0))}
   return DataIterator(_iter_dataset(ds, data_config), settings)
 
