@@ -69,7 +69,7 @@ def main():
       run(argv)
     except UserError as e:
       _fail(str(e))
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.WARNING)  # Orbax and grain narrate every step at INFO
   app.run(guarded, flags_parser=_parse_flags)
 
 

@@ -17,8 +17,18 @@ def make_unet(model_config, compute_dtype='float32') -> ADMUNet:
   return ADMUNet(**kwargs, dtype=jnp.dtype(compute_dtype))
 
 
-def sampler_options(config) -> dict:
-  return dict(eta=config.sampler.eta, learn_sigma=config.diffusion.learn_sigma)
+def sampler_setup(config, base_schedule):
+  """(schedule, options) for config.sampler: ddpm/ddim step on a respaced schedule,
+  the σ-solvers (euler, heun, dpmpp_2m) take `steps` on a Karras grid of the full one."""
+  name, steps = config.sampler.name, config.sampler.steps
+  if name not in samplers.SAMPLERS:
+    raise UserError(f'config.sampler.name={name!r} is unknown; allowed: {", ".join(samplers.SAMPLERS)}.')
+  if not 0 < steps <= base_schedule.num_steps:
+    raise UserError(f'config.sampler.steps={steps} must be in [1, {base_schedule.num_steps}].')
+  options = dict(eta=config.sampler.eta, learn_sigma=config.diffusion.learn_sigma)
+  if name in ('ddpm', 'ddim'):
+    return schedules.respace(base_schedule, f'ddim{steps}' if name == 'ddim' else str(steps)), options
+  return base_schedule, dict(options, steps=steps)
 
 
 def make(config) -> System:
@@ -32,8 +42,10 @@ def make(config) -> System:
                     f'{config.diffusion.learn_sigma} needs {want_out}.')
   unet = make_unet(config.model, config.compute_dtype)
   base = schedules.make_schedule(config.diffusion.noise_schedule, config.diffusion.num_timesteps)
-  sample_schedule = schedules.respace(base, f'ddim{config.sampler.steps}' if config.sampler.name == 'ddim'
-                                      else str(config.sampler.steps))
+  sample_schedule, sample_options = sampler_setup(config, base)
+  if config.sampler.guidance_scale:
+    raise UserError('config.sampler.guidance_scale: classifier-free guidance needs a model trained with '
+                    'condition dropout; the adm system is unconditional, leave it at 0.')
 
   def init(key, batch):
     x = batch['image']
@@ -54,6 +66,6 @@ def make(config) -> System:
     x_T = jax.random.normal(noise_key, (config.sample.num, res, res, 3))
     denoise_fn = lambda x_t, t: unet.apply({'params': params}, x_t, t).astype(jnp.float32)
     return samplers.sample(config.sampler.name, sample_key, denoise_fn, sample_schedule, x_T,
-                           **sampler_options(config))
+                           **sample_options)
 
   return System(init=init, loss_fn=loss_fn, sample=sample)

@@ -13,7 +13,6 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
-from absl import logging
 from tqdm import tqdm
 
 from visgen_jax.data import pipeline
@@ -24,6 +23,12 @@ from visgen_jax.train import logging as vlog
 
 # Independent streams from the one seed: fold_in(root, stream) then fold_in(step).
 INIT_STREAM, TRAIN_STREAM, SAMPLE_STREAM = 0, 1, 2
+
+
+def _say(message: str):
+  """One line for the user from process 0, without breaking the progress bar."""
+  if jax.process_index() == 0:
+    tqdm.write(message)
 
 
 def make_optimizer(opt, total_steps: int, trainable=None):
@@ -149,7 +154,7 @@ def train(config, workdir: str):
   else:
     state, data_state = ckpt.restore(start, checkpoint.abstract_like(s.abstract_state, s.state_shardings))
     data_iter.set_state(data_state)
-    logging.info('Resumed from step %d in %s', start, workdir)
+    _say(f'Resumed from step {start} in {workdir}')
 
   train_step = make_train_step(s)
   writer = vlog.MetricWriter(workdir)
@@ -202,4 +207,4 @@ def sample_to_pngs(config, workdir: str):
   for i, image in enumerate(vlog.to_uint8(images)):
     vlog.save_png(os.path.join(out, f'{i:05d}.png'), image)
   vlog.save_png(os.path.join(out, 'grid.png'), vlog.image_grid(images))
-  logging.info('Wrote %d samples to %s', len(images), out)
+  _say(f'Wrote {len(images)} samples to {out}')
