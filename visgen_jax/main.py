@@ -1,7 +1,7 @@
 """The one entry point.
 
   python -m visgen_jax.main --config=configs/<experiment>.py[:variant] --workdir=DIR \\
-      [--mode=train|sample] [--config.key=value ...]
+      [--mode=train|sample|<system command>] [--config.key=value ...]
 
 Mistakes a user can fix (a wrong key, a value of the wrong type, a missing
 dataset, a mesh the devices cannot form) end with one sentence and exit code 2,
@@ -15,11 +15,10 @@ from absl import app, flags, logging
 
 from visgen_jax.errors import UserError
 
-MODES = ('train', 'sample')
 
 flags.DEFINE_string('config', None, 'configs/<experiment>.py[:variant]; override keys with --config.key=value.')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
-flags.DEFINE_string('mode', 'train', f'One of: {", ".join(MODES)}.')
+flags.DEFINE_string('mode', 'train', 'train, sample, or a command of the system (e.g. outpaint).')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host: TPU pod, SLURM, or the flags below).')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host without a cluster environment).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host without a cluster environment).')
@@ -48,8 +47,6 @@ def run(argv):
   from visgen_jax.train import config as config_lib  # after flag parsing: keeps --help fast
   if not FLAGS.config or not FLAGS.workdir:
     raise UserError('--config and --workdir are required, e.g. --config=configs/adm_ffhq256.py:tiny --workdir=/tmp/run.')
-  if FLAGS.mode not in MODES:
-    raise UserError(f'--mode={FLAGS.mode} is not one of {", ".join(MODES)}.')
   config = config_lib.load_config(FLAGS.config, _overrides)
   config_lib.validate(config)
   if FLAGS.distributed:
@@ -60,7 +57,7 @@ def run(argv):
   if FLAGS.mode == 'train':
     trainer.train(config, workdir)
   else:
-    trainer.sample_to_pngs(config, workdir)
+    trainer.run_command(config, workdir, FLAGS.mode)
 
 
 def main():

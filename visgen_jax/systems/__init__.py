@@ -22,6 +22,9 @@ class System:
   sample: Optional[Callable[[Any, Any], Any]] = None
   # params -> pytree of bools, False for frozen parameters; None trains everything.
   trainable: Optional[Callable[[Any], Any]] = None
+  # Extra --mode=NAME commands (e.g. outpaint, segment): NAME -> fn(params, key, workdir),
+  # run on the latest checkpoint's parameters (EMA when config.sample.use_ema).
+  commands: dict = dataclasses.field(default_factory=dict)
 
 
 def get_system(config) -> System:

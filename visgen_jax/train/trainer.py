@@ -120,11 +120,15 @@ def _global_batch(mesh, local_batch: dict):
   return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local_batch.items()}
 
 
-def _draw_samples(s: Setup, state, step: int):
-  """config.sample.num images in [-1, 1] on the host, from a key that depends only on the step."""
+def _params_and_key(s: Setup, state, step: int):
+  """What inference uses: EMA (or raw) parameters and a key that depends only on the step."""
   params = state['ema_params'] if s.config.sample.use_ema else state['params']
-  key = jax.random.fold_in(jax.random.fold_in(s.root_key, SAMPLE_STREAM), step)
-  return jax.device_get(s.system.sample(params, key))
+  return params, jax.random.fold_in(jax.random.fold_in(s.root_key, SAMPLE_STREAM), step)
+
+
+def _draw_samples(s: Setup, state, step: int):
+  """config.sample.num images in [-1, 1], on the host."""
+  return jax.device_get(s.system.sample(*_params_and_key(s, state, step)))
 
 
 def _save_samples(s: Setup, state, step, workdir, writer):
@@ -182,9 +186,12 @@ def train(config, workdir: str):
   return state
 
 
-def restore_for_inference(config, workdir: str):
-  """(setup, state) from the latest checkpoint in workdir, for sample / eval modes."""
+def run_command(config, workdir: str, mode: str):
+  """--mode=sample or one of the system's commands, on the latest checkpoint."""
   s = setup(config)
+  commands = {'sample': None, **s.system.commands}
+  if mode not in commands:
+    raise UserError(f'--mode={mode} is not one of: train, {", ".join(commands)}.')
   directory = os.path.join(workdir, 'checkpoints')
   ckpt = checkpoint.Checkpointer(directory, config.keep_checkpoints) if os.path.isdir(directory) else None
   step = ckpt.latest_step() if ckpt else None
@@ -192,12 +199,14 @@ def restore_for_inference(config, workdir: str):
     raise UserError(f'--workdir={workdir}: no checkpoint under {directory}; train first with --mode=train.')
   state, _ = ckpt.restore(step, checkpoint.abstract_like(s.abstract_state, s.state_shardings))
   ckpt.close()
-  return s, state
+  if mode == 'sample':
+    _sample_to_pngs(s, state, workdir)
+  else:
+    commands[mode](*_params_and_key(s, state, step), workdir)
 
 
-def sample_to_pngs(config, workdir: str):
-  """--mode=sample: config.sample.num images from the latest checkpoint, one PNG each plus a grid."""
-  s, state = restore_for_inference(config, workdir)
+def _sample_to_pngs(s: Setup, state, workdir: str):
+  """config.sample.num images, one PNG each plus a grid."""
   step = int(jax.device_get(state['step']))
   images = _draw_samples(s, state, step)
   if jax.process_index() != 0:
