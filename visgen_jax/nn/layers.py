@@ -135,12 +135,16 @@ class ResBlock(nn.Module):
   `code` [B, code_dim] is an extra global code (DiffusionRig's `detail_cond`):
   SiLU → Linear (`code_proj`) gives a second (scale, shift) applied right after
   the time embedding's, or a second added bias without scale-shift norm.
+  With `code_shift=False` the code only scales: after the normalisation (and
+  the time embedding's scale-shift) h ← h·(1 + code_proj(SiLU(code))), as
+  Patch-DM / Diff-AE condition on their semantic code.
   """
   out_channels: int
   dropout: float = 0.0
   use_scale_shift_norm: bool = False
   up: bool = False
   down: bool = False
+  code_shift: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -155,8 +159,14 @@ class ResBlock(nn.Module):
 
     emb_width = 2 * out_ch if self.use_scale_shift_norm else out_ch
     conds = [dense(emb_width, dtype=self.dtype, name='emb_proj')(nn.silu(emb))]
+    code_scale = None
     if code is not None:
-      conds.append(dense(emb_width, dtype=self.dtype, name='code_proj')(nn.silu(code)))
+      code_out = dense(emb_width if self.code_shift else out_ch, dtype=self.dtype,
+                       name='code_proj')(nn.silu(code))
+      if self.code_shift:
+        conds.append(code_out)
+      else:
+        code_scale = code_out.astype(h.dtype)[:, None, None, :]
     conds = [c.astype(h.dtype)[:, None, None, :] for c in conds]
 
     out_norm = GroupNorm32(name='out_norm')
@@ -167,6 +177,8 @@ class ResBlock(nn.Module):
         h = h * (1 + scale) + shift
     else:
       h = out_norm(sum(conds, h))
+    if code_scale is not None:
+      h = h * (1 + code_scale)
     h = nn.silu(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv2d(out_ch, 3, zero_init=True, dtype=self.dtype, name='out_conv')(h)

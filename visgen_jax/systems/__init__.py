@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 
 from visgen_jax.errors import UserError
 
-RECIPES = ('adm',)
+RECIPES = ('adm', 'patchdm')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,27 @@
+"""Patch-DM at 1024×512 (the paper's nature landscapes): 8×16 patches of 64².
+
+  # CPU-sized first run on the built-in sample photographs (32x64, 2x4 patches of 16²):
+  python -m visgen_jax.main --config=configs/patchdm_1k.py:tiny --workdir=/tmp/patchdm_tiny
+  python -m visgen_jax.main --config=configs/patchdm_1k.py:tiny --workdir=/tmp/patchdm_tiny --mode=sample \\
+      --config.sample.size=64,128
+  # Paper scale; with no dataset configured, the built-in photographs at 512x1024:
+  python -m visgen_jax.main --config=configs/patchdm_1k.py --workdir=DIR \\
+      [--config.data.name=folder --config.data.path=/data/nature1024]
+  # Any size from the same model (interpolated positions), beyond the trained grid, editing:
+  ... --mode=sample --config.sample.size=1024,2048
+  ... --mode=sample --config.sample.size=768,1280 --config.sample.positions=extend
+  ... --mode=outpaint --config.sample.size=512,1024 --config.edit.input=centre.png
+  ... --mode=inpaint --config.edit.input=photo.png --config.edit.mask=holes.png  (white = fill in)
+"""
+
+from visgen_jax.errors import UserError
+from visgen_jax.systems import patchdm
+
+
+def get_config(arg=None):
+  c = patchdm.default_config((512, 1024))
+  if arg == 'tiny':
+    patchdm.tiny(c, (32, 64))
+  elif arg:
+    raise UserError(f'--config=configs/patchdm_1k.py:{arg}: unknown variant; allowed: tiny, or none for paper scale.')
+  return c

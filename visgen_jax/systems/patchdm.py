@@ -1,0 +1,270 @@
+"""Patch-DM: a patch UNet with feature collage, trained on 2×2 patch windows,
+sampled at any size; --mode=outpaint / --mode=inpaint edit an input image.
+
+Parameters: {'unet': PatchUNet, 'codes': [num_codes, code_dim]} — the global
+semantic code of every training image (`batch['index']` picks it), trained
+jointly from a random N(0, 1) start (no CLIP weights are bundled).
+
+Training (the public code's recipe): the image is padded by half a patch with
+zeros; x_t is zero on the padding; a random 2×2 window of patches goes through
+the encoder; the loss is the ε-MSE of the collaged centre patch plus the
+ε-MSE of the four plain patches masked to the unpadded area (averaged over
+the whole window, as the public code does). Classifier-free dropout per image:
+the code with probability diffusion.code_drop, the position embedding with
+diffusion.pos_drop.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from visgen_jax.data import folder, pipeline
+from visgen_jax.diffusion import editing, gaussian, samplers, schedules
+from visgen_jax.errors import UserError
+from visgen_jax.models.patch_unet import PatchUNet, collage_denoiser, grid_positions, to_patches
+from visgen_jax.systems import System
+from visgen_jax.systems.adm import sampler_setup
+from visgen_jax.train import logging as vlog
+from visgen_jax.train.config import base_config
+
+
+def make_unet(model_config, compute_dtype='float32') -> PatchUNet:
+  kwargs = {k: v for k, v in dict(model_config).items() if k != 'num_codes'}
+  return PatchUNet(**kwargs, dtype=jnp.dtype(compute_dtype))
+
+
+def patch_grid(hw, patch: int, key: str):
+  """(N1, N2) patches of an (H, W) image; UserError unless both divide."""
+  h, w = hw
+  if h % patch or w % patch or min(h, w) <= 0:
+    raise UserError(f'config.{key}={h}x{w} is not divisible by the patch size {patch}; use multiples '
+                    f'of {patch}.')
+  return h // patch, w // patch
+
+
+def num_codes(config) -> int:
+  """Rows of the code table: model.num_codes, or (0) the training set's size."""
+  info = pipeline.make_dataset_source(config.data)[1]
+  rows = config.model.num_codes or info.num_examples
+  if rows < info.num_examples:
+    raise UserError(f'config.model.num_codes={rows} is smaller than the {info.num_examples} training '
+                    f'images in {info.path}, whose indices pick codes; use 0 (= the data size) or more.')
+  return rows
+
+
+def load_image(path: str, key: str):
+  """An RGB image file as float32 [H, W, 3] in [-1, 1]."""
+  if not path or not os.path.isfile(path):
+    raise UserError(f'config.{key}={path!r}: no such image file; give the path of a PNG or JPEG.')
+  try:
+    with Image.open(path) as im:
+      pixels = np.asarray(im.convert('RGB'), np.float32)
+  except OSError:
+    raise UserError(f'config.{key}={path!r} is not an image Pillow can read.') from None
+  return pixels / 127.5 - 1
+
+
+def make(config) -> System:
+  m = config.model
+  patch = m.patch_size
+  train_grid = patch_grid(folder.parse_resolution(config.data.resolution, 'data.resolution'), patch,
+                          'data.resolution')
+  sample_hw = tuple(config.sample.size)
+  if len(sample_hw) != 2:
+    raise UserError(f'config.sample.size={sample_hw} must be H,W.')
+  sample_grid = patch_grid(sample_hw, patch, 'sample.size')
+  if config.diffusion.learn_sigma or m.out_channels != m.in_channels:
+    raise UserError('Patch-DM predicts ε with a fixed variance: set diffusion.learn_sigma=false and '
+                    'model.out_channels=model.in_channels.')
+  for key in ('code_drop', 'pos_drop'):
+    if not 0 <= config.diffusion[key] < 1:
+      raise UserError(f'config.diffusion.{key}={config.diffusion[key]} must be a probability in [0, 1).')
+  guidance = config.sampler.guidance_scale
+  if guidance and not (config.diffusion.code_drop and config.diffusion.pos_drop):
+    raise UserError('config.sampler.guidance_scale needs a model trained with code and position '
+                    'dropout (diffusion.code_drop, diffusion.pos_drop > 0); set it to 0.')
+  rows = num_codes(config)
+  picked = tuple(config.sample.code_index)
+  bad = [i for i in picked if not 0 <= i < rows]
+  if bad:
+    raise UserError(f'config.sample.code_index={picked}: {bad} out of range; the code table has {rows} '
+                    f'rows (0 … {rows - 1}).')
+  if picked and len(picked) != config.sample.num:
+    raise UserError(f'config.sample.code_index lists {len(picked)} codes for sample.num='
+                    f'{config.sample.num} images; give one per image, or none for random rows.')
+  pos, pos_mask = grid_positions(sample_grid, train_grid, config.sample.positions,
+                                 unconditional_positions=config.diffusion.pos_drop > 0)
+
+  unet = make_unet(m, config.compute_dtype)
+  base = schedules.make_schedule(config.diffusion.noise_schedule, config.diffusion.num_timesteps)
+  sample_schedule, sample_options = sampler_setup(config, base)
+  half = patch // 2
+
+  def init(key, batch):
+    unet_key, code_key = jax.random.split(key)
+    b = batch['image'].shape[0]
+    window = jnp.zeros((b, 2, 2, patch, patch, m.in_channels))
+    params = unet.init(unet_key, window, jnp.zeros((b,), jnp.int32), jnp.zeros((b, 2, 2, 2)),
+                       jnp.zeros((b, m.code_dim)), decode='both')['params']
+    return {'unet': params, 'codes': jax.random.normal(code_key, (rows, m.code_dim))}
+
+  def loss_fn(params, batch, key):
+    x0 = batch['image']
+    b, h, w, c = x0.shape
+    t_key, noise_key, i_key, j_key, drop_key, dropout_key = jax.random.split(key, 6)
+    pad = ((0, 0), (half, half), (half, half), (0, 0))
+    padded = jnp.pad(x0, pad)
+    inside = jnp.pad(jnp.ones((b, h, w, 1), x0.dtype), pad)
+    step = jax.random.randint(t_key, (b,), 0, base.num_steps)
+    noise = jax.random.normal(noise_key, padded.shape, x0.dtype)
+    x_t = gaussian.q_sample(base, padded, step, noise) * inside
+
+    # One random 2x2 window of the (N1+1)x(N2+1) padded grid per image.
+    wi = jax.random.randint(i_key, (b,), 0, h // patch)
+    wj = jax.random.randint(j_key, (b,), 0, w // patch)
+    crop = jax.vmap(lambda img, i, j: jax.lax.dynamic_slice(
+        img, (i * patch, j * patch, 0), (2 * patch, 2 * patch, img.shape[-1])))
+    x_win, noise_win, inside_win = (crop(a, wi, wj) for a in (x_t, noise, inside))
+    offsets = jnp.arange(2, dtype=jnp.float32)
+    pos = jnp.stack(jnp.broadcast_arrays(wi[:, None, None] + offsets[None, :, None],
+                                         wj[:, None, None] + offsets[None, None, :]), axis=-1)
+
+    code_u, pos_u = jax.random.uniform(drop_key, (2, b))
+    code = params['codes'][batch['index']] * (code_u >= config.diffusion.code_drop)[:, None]
+    keep_pos = jnp.broadcast_to((pos_u >= config.diffusion.pos_drop)[:, None, None], (b, 2, 2))
+    t = schedules.to_device(base).timesteps[step]
+    shifted, plain = unet.apply({'params': params['unet']}, to_patches(x_win, patch), t, pos, code,
+                                keep_pos, decode='both', train=True, rngs={'dropout': dropout_key})
+
+    target_shift = noise_win[:, half:half + patch, half:half + patch]
+    mse_collage = jnp.mean(jnp.square(shifted[:, 0, 0].astype(jnp.float32) - target_shift), axis=(1, 2, 3))
+    err_plain = jnp.square(plain.astype(jnp.float32) - to_patches(noise_win, patch)) * to_patches(inside_win, patch)
+    mse_plain = jnp.mean(err_plain, axis=(1, 2, 3, 4, 5))
+    loss = mse_collage + mse_plain
+    return loss.mean(), {'mse_collage': mse_collage.mean(), 'mse_plain': mse_plain.mean()}
+
+  def codes_for(params, key, n):
+    if picked:
+      return params['codes'][jnp.asarray(picked)]
+    return params['codes'][jax.random.randint(key, (n,), 0, rows)]
+
+  def run_sampler(params, key, x_T, **extra):
+    code_key, sample_key = jax.random.split(key)
+    n = x_T.shape[0]
+    options = dict(sample_options, **extra)
+    if guidance:
+      options.update(cfg_weight=guidance, uncond={'code': 0.0, 'use_pos': 0.0})
+    cond = {'code': codes_for(params, code_key, n), 'use_pos': jnp.ones((n,))}
+    return samplers.sample(config.sampler.name, sample_key, collage_denoiser(unet, params['unet'], pos, pos_mask),
+                           sample_schedule, x_T, cond=cond, **options)
+
+  @jax.jit
+  def sample(params, key):
+    noise_key, key = jax.random.split(key)
+    x_T = jax.random.normal(noise_key, (config.sample.num, *sample_hw, m.in_channels))
+    return run_sampler(params, key, x_T)
+
+  def edit(params, key, workdir, known, mask, name):
+    """RePaint-style: the known region is replaced by its noised version every step."""
+    n = config.sample.num
+    known = jnp.broadcast_to(jnp.asarray(known), (n, *sample_hw, m.in_channels))
+    inpaint = editing.Inpaint(known, jnp.asarray(mask)[None], config.edit.jump_length, config.edit.resamples)
+    inpaint.validate(known.shape)
+    noise_key, key = jax.random.split(key)
+    x_T = jax.random.normal(noise_key, known.shape)
+    images = jax.device_get(jax.jit(lambda p, k, x: run_sampler(p, k, x, inpaint=inpaint))(params, key, x_T))
+    out = os.path.join(workdir, name)
+    os.makedirs(out, exist_ok=True)
+    for i, image in enumerate(vlog.to_uint8(images)):
+      vlog.save_png(os.path.join(out, f'{i:05d}.png'), image)
+    print(f'Wrote {n} images to {out}', flush=True)
+
+  def outpaint(params, key, workdir):
+    image = load_image(config.edit.input, 'edit.input')
+    h, w = image.shape[:2]
+    if h > sample_hw[0] or w > sample_hw[1]:
+      raise UserError(f'config.edit.input is {h}x{w}, larger than the canvas sample.size='
+                      f'{sample_hw[0]}x{sample_hw[1]}; outpainting needs a larger canvas.')
+    if (h, w) == sample_hw:
+      raise UserError(f'config.edit.input fills the whole {h}x{w} canvas (sample.size), so the outpainting '
+                      'mask covers everything; choose a larger sample.size.')
+    top, left = (sample_hw[0] - h) // 2, (sample_hw[1] - w) // 2
+    known = np.zeros((*sample_hw, m.in_channels), np.float32)
+    known[top:top + h, left:left + w] = image
+    mask = np.zeros((*sample_hw, 1), np.float32)
+    mask[top:top + h, left:left + w] = 1
+    edit(params, key, workdir, known, mask, 'outpaint')
+
+  def inpaint(params, key, workdir):
+    image = load_image(config.edit.input, 'edit.input')
+    holes = load_image(config.edit.mask, 'edit.mask')
+    if image.shape[:2] != sample_hw or holes.shape[:2] != sample_hw:
+      raise UserError(f'config.edit.input ({image.shape[0]}x{image.shape[1]}) and config.edit.mask '
+                      f'({holes.shape[0]}x{holes.shape[1]}) must both be sample.size='
+                      f'{sample_hw[0]}x{sample_hw[1]}.')
+    mask = (holes.mean(axis=-1, keepdims=True) < 0).astype(np.float32)  # white (> mid-grey) = fill in
+    if mask.all():
+      raise UserError(f'config.edit.mask={config.edit.mask!r} has no white pixels: nothing to inpaint.')
+    if not mask.any():
+      raise UserError(f'config.edit.mask={config.edit.mask!r} is white everywhere, so the mask covers '
+                      'everything; mark only the regions to fill in white.')
+    edit(params, key, workdir, image, mask, 'inpaint')
+
+  return System(init=init, loss_fn=loss_fn, sample=sample,
+                commands={'outpaint': outpaint, 'inpaint': inpaint})
+
+
+def default_config(resolution, sample_num: int = 4):
+  """The paper's settings for Patch-DM on images of `resolution` (H, W); the
+  three configs/patchdm_*.py differ only in data and size."""
+  c = base_config()
+  c.system = 'patchdm'
+  # Public code: Adam(W) 1e-4, batch 32 x 4 GPUs, EMA 0.9999, no warmup.
+  c.total_steps = 500_000
+  c.batch_size = 128
+  c.log_every = 100
+  c.ckpt_every = 5_000
+  c.sample_every = 10_000
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.grad_clip = 1.0
+  # (H, W): an int resolution in base_config would refuse a tuple.
+  c.data = ml_collections.ConfigDict(dict(c.data, resolution=tuple(resolution)))
+  c.data.name = 'sample'  # the built-in photographs, resized; or folder + data.path
+  c.data.random_flip = True
+  c.model = ml_collections.ConfigDict(dict(
+      patch_size=64, in_channels=3, model_channels=64, out_channels=3, num_res_blocks=2,
+      attention_resolutions=(16,), dropout=0.1, channel_mult=(1, 2, 4, 8), num_heads=1,
+      num_head_channels=-1, resblock_updown=True, embed_dim=512, pos_channels=64, code_dim=512,
+      num_codes=0,  # rows of the code table; 0 = the number of training images
+      remat=False, attn_impl='xla'))
+  c.diffusion = ml_collections.ConfigDict(dict(
+      noise_schedule='linear', num_timesteps=1000, learn_sigma=False,
+      code_drop=0.1, pos_drop=0.5))  # classifier-free dropout of the code / the position
+  c.sampler = ml_collections.ConfigDict(dict(name='ddim', steps=50, eta=0.0, guidance_scale=0.0))
+  c.sample.num = sample_num
+  c.sample.size = tuple(resolution)
+  c.sample.positions = 'interpolate'  # or 'extend': beyond the trained grid, no position there
+  c.sample.code_index = ()  # rows of the code table, one per image; () = random rows
+  c.edit = ml_collections.ConfigDict(dict(input='', mask='', jump_length=1, resamples=1))
+  return c
+
+
+def tiny(c, resolution=(32, 64)):
+  """A CPU-sized variant: 16² patches, one level of downsampling, small embeddings."""
+  c.total_steps = 20
+  c.batch_size = 4
+  c.log_every = 5
+  c.ckpt_every = 10
+  c.sample_every = 20
+  c.optimizer.ema_decay = 0.99
+  c.data.resolution = tuple(resolution)
+  c.model.update(patch_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                 attention_resolutions=(8,), embed_dim=64, pos_channels=16, code_dim=32)
+  c.sampler.steps = 5
+  c.sample.num = 2
+  c.sample.size = tuple(resolution)
+  return c
