@@ -1,7 +1,8 @@
 """The one attention entry point, so a fused kernel can replace it by name.
 
-Every model calls `dot_product_attention`; `impl` picks the implementation. Only
-'xla' (plain jnp, any backend) exists for now.
+Every model calls `dot_product_attention` (or, for MaskCLIP's mask-token layout,
+`mask_token_attention`); `impl` picks the implementation: 'xla' (plain jnp, any
+backend) or 'pallas' (the fused kernel, which exists for the mask-token layout only).
 """
 
 import math
@@ -10,8 +11,14 @@ import jax
 import jax.numpy as jnp
 
 from visgen_jax.errors import UserError
+from visgen_jax.kernels import masked_attention
 
-IMPLS = ('xla',)
+IMPLS = ('xla', 'pallas')
+
+
+def _check_impl(impl):
+  if impl not in IMPLS:
+    raise UserError(f'attention impl={impl!r} is unknown; allowed: {", ".join(IMPLS)}.')
 
 
 def dot_product_attention(q, k, v, bias=None, mask=None, impl='xla', *, scale=None):
@@ -33,8 +40,10 @@ def dot_product_attention(q, k, v, bias=None, mask=None, impl='xla', *, scale=No
   guided_diffusion does) so that low-precision logits stay in range; the softmax
   runs in float32.
   """
-  if impl not in IMPLS:
-    raise UserError(f'attention impl={impl!r} is unknown; allowed: {", ".join(IMPLS)}.')
+  _check_impl(impl)
+  if impl == 'pallas':
+    raise UserError("attention impl='pallas' has a kernel only for MaskCLIP's mask-token layout "
+                    "(mask_token_attention); use impl='xla' for general attention.")
   if scale is None:
     scale = 1.0 / math.sqrt(q.shape[-1])
   root = math.sqrt(scale)
@@ -46,3 +55,27 @@ def dot_product_attention(q, k, v, bias=None, mask=None, impl='xla', *, scale=No
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+
+
+def mask_token_attention(q, k, v, patch_mask, bias=None, impl='xla', *, scale=None):
+  """MaskCLIP's attention over tokens [M mask tokens | class | N patches] (Eq. 2.1).
+
+  No token sees a mask token, every token sees the class token, class and patch
+  tokens see all patches, mask token m sees patch n iff `patch_mask[b, m, n]`.
+
+  Args:
+    q, k: [B, T, H, D] with T = M + 1 + N.
+    v: [B, T, H, Dv].
+    patch_mask: [B, M, N] bool.
+    bias: optional [B, H, M, N] additive logits on the mask-token × patch block (RMA).
+    impl: 'xla' (dense mask, any backend) or 'pallas' (blocked kernel that skips
+      key blocks no mask token sees; interpret mode on CPU).
+    scale: logit scale; default 1/sqrt(D).
+
+  Returns:
+    [B, T, H, Dv] in q's dtype.
+  """
+  _check_impl(impl)
+  if impl == 'pallas':
+    return masked_attention.masked_attention(q, k, v, patch_mask, bias, scale=scale)
+  return masked_attention.masked_attention_reference(q, k, v, patch_mask, bias, scale=scale)
