@@ -173,15 +173,13 @@ def test_sdedit_full_start_equals_sampling_from_the_diffused_input():
 
 def test_jit_vmap_and_sharded_inputs():
   run = jax.jit(lambda key, x: samplers.ddim(key, _image_denoiser, SCHED, x, eta=0.5))
-  # Threefry keys: unlike RBG ones they draw the same numbers with and without vmap.
-  keys = jax.random.split(jax.random.key(13), 3)
   xs = jax.random.normal(_key(14), (3,) + IMG)
-  one = run(keys[1], xs[1])
-  np.testing.assert_allclose(jax.vmap(run)(keys, xs)[1], one, atol=1e-5)
+  one = run(_key(13), xs[1])
+  np.testing.assert_allclose(jax.vmap(run, in_axes=(None, 0))(_key(13), xs)[1], one, atol=1e-5)
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
   spec = jax.sharding.PartitionSpec('data' if IMG[0] % len(jax.devices()) == 0 else None)
   sharded = jax.device_put(xs[1], jax.sharding.NamedSharding(mesh, spec))
-  np.testing.assert_allclose(run(keys[1], sharded), one, atol=1e-5)
+  np.testing.assert_allclose(run(_key(13), sharded), one, atol=1e-5)
 
 
 def test_trajectory_nfe_and_progress(capsys):
@@ -280,3 +278,12 @@ def _never_called(*args, **kwargs):
 def test_bad_input_is_a_user_error_before_tracing(call):
   with pytest.raises(UserError):
     call(jnp.zeros(IMG))
+
+
+def test_schedule_can_be_a_jit_argument_of_the_schedule_steppers():
+  x = jnp.ones(IMG)
+  run = lambda name: jax.jit(lambda s, x: samplers.sample(name, None, _image_denoiser, s, x))
+  np.testing.assert_allclose(run('ddim')(SCHED, x),
+                             samplers.ddim(None, _image_denoiser, SCHED, x), atol=1e-5)
+  with pytest.raises(UserError, match='close over the schedule'):
+    run('euler')(SCHED, x)

@@ -19,7 +19,6 @@ Common options:
   return_info: also return dict(nfe=int, trajectory=[n_ops, ...] if trajectory).
 """
 
-import functools
 from typing import Callable, Optional
 
 import jax
@@ -129,15 +128,16 @@ def _tick(k, n, tag):
 
 
 def _scan(body, carry, xs, n, progress, tag, trajectory):
-  """lax.scan over n operations; body(carry, x) -> (carry, state to record)."""
+  """lax.scan over n operations; body(carry, position, x) -> (carry, state to record)."""
 
-  def step(carry, x):
+  def step(carry, pos_x):
+    pos, x = pos_x
     if progress:
-      jax.debug.callback(_tick, x[0], n, tag)
-    carry, state = body(carry, x)
+      jax.debug.callback(_tick, pos, n, tag)
+    carry, state = body(carry, pos, x)
     return carry, (state if trajectory else None)
 
-  return jax.lax.scan(step, carry, xs, length=n)
+  return jax.lax.scan(step, carry, (jnp.arange(n), xs), length=n)
 
 
 def _result(x, traj, nfe, return_info, trajectory):
@@ -229,8 +229,8 @@ def _ancestral(kind, key, denoise_fn, schedule, x_T, *, eta=0.0, variance='fixed
     z = jax.random.normal(step_key, x.shape, x.dtype)
     return jnp.sqrt(1 - beta) * x + jnp.sqrt(beta) * z
 
-  def body(x, op):
-    pos, i, is_up, guide = op
+  def body(x, pos, op):
+    i, is_up, guide = op
     step_key = None if key is None else jax.random.fold_in(key, pos)
     if up.any():
       x = jax.lax.cond(is_up, lambda x: renoise(x, i, step_key),
@@ -239,7 +239,7 @@ def _ancestral(kind, key, denoise_fn, schedule, x_T, *, eta=0.0, variance='fixed
       x = down(x, i, step_key, guide)
     return x, x
 
-  xs = (jnp.arange(n), jnp.asarray(steps), jnp.asarray(up), jnp.asarray(guided))
+  xs = (jnp.asarray(steps), jnp.asarray(up), jnp.asarray(guided))
   x, traj = _scan(body, x, xs, n, progress, kind, trajectory)
   return _result(x, traj, int((~up).sum()), return_info, trajectory)
 
@@ -283,7 +283,8 @@ def ddim_invert(denoise_fn: Callable, schedule, x0, *, num_steps: Optional[int] 
                  dynamic_threshold=dynamic_threshold)
   sched = schedules.to_device(schedule)
 
-  def body(x, i):
+  def body(x, pos, i):
+    del pos
     c = gaussian.coefs_at(sched, i, x.ndim)
     x0_hat, eps, _ = model(x, sched.timesteps[i], c)
     x = gaussian.ddim_reverse_update(sched, x0_hat, eps, i)
@@ -353,22 +354,24 @@ def _sigma_solver(kind, key, denoise_fn, schedule, x_T, *, grid='karras', steps=
       x0, _ = model.score_guided(x_vp, t, c, x0)
     return x0
 
-  def euler_body(x, op):
-    _, sigma, sigma_next, t, _ = op
+  def euler_body(x, pos, op):
+    del pos
+    sigma, sigma_next, t, _ = op
     x = x + (x - denoised(x, sigma, t)) / sigma * (sigma_next - sigma)
     return x, x
 
-  def heun_body(x, op):
-    _, sigma, sigma_next, t, t_next = op
+  def heun_body(x, pos, op):
+    del pos
+    sigma, sigma_next, t, t_next = op
     d = (x - denoised(x, sigma, t)) / sigma
     x_e = x + d * (sigma_next - sigma)
     d_next = (x_e - denoised(x_e, sigma_next, t_next)) / sigma_next
     x = x + 0.5 * (d + d_next) * (sigma_next - sigma)
     return x, x
 
-  def dpmpp_body(carry, op):
+  def dpmpp_body(carry, pos, op):
     x, d_prev, h_prev = carry
-    pos, sigma, sigma_next, t, _ = op
+    sigma, sigma_next, t, _ = op
     d = denoised(x, sigma, t)
     last = sigma_next == 0
     # λ = -log σ; the step to σ = 0 is x = D, computed apart to stay finite.
@@ -382,13 +385,13 @@ def _sigma_solver(kind, key, denoise_fn, schedule, x_T, *, grid='karras', steps=
   x = x * float(np.sqrt(1 + sigma_max ** 2))
   if kind == 'heun':
     # Heun's correction needs σ_next > 0: the final step to σ = 0 is Euler's, x = D.
-    xs = (jnp.arange(n - 1), sig[:-2], sig[1:-1], ts[:-2], ts[1:-1])
+    xs = (sig[:-2], sig[1:-1], ts[:-2], ts[1:-1])
     x, traj = _scan(heun_body, x, xs, n - 1, progress, kind, trajectory)
     x = denoised(x, sig[-2], ts[-2])
     if trajectory:
       traj = jnp.concatenate([traj, x[None]])
     return _result(x, traj, 2 * n - 1, return_info, trajectory)
-  xs = (jnp.arange(n), sig[:-1], sig[1:], ts[:-1], ts[1:])
+  xs = (sig[:-1], sig[1:], ts[:-1], ts[1:])
   if kind == 'euler':
     x, traj = _scan(euler_body, x, xs, n, progress, kind, trajectory)
   else:

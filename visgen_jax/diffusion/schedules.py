@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -197,7 +198,11 @@ def to_device(schedule: Schedule) -> Schedule:
 
 
 def sigmas(schedule: Schedule) -> np.ndarray:
-  """σ of every step (float64, increasing)."""
+  """σ of every step (float64, increasing); needs a concrete (not traced) schedule."""
+  if isinstance(schedule.alphas_cumprod, jax.core.Tracer):
+    raise UserError('the σ-stepping samplers (euler, heun, dpmpp_2m) build their noise levels '
+                    'on the host: close over the schedule instead of passing it as a traced '
+                    'argument of jit.')
   ac = np.asarray(schedule.alphas_cumprod, dtype=np.float64)
   return np.sqrt((1 - ac) / ac)
 
