@@ -15,7 +15,7 @@ from visgen_jax.kernels.masked_attention import (block_schedule, dense_mask, mas
 from visgen_jax.nn.attention import mask_token_attention
 
 # Interpret mode compiles each new shape for seconds: few examples, no deadline.
-SETTINGS = settings(max_examples=6, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=5, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -45,13 +45,13 @@ def _value_and_vjp(fn, q, k, v, mask, bias, cot):
 @SETTINGS
 @given(b=st.integers(1, 2), h=st.integers(1, 2), d=st.sampled_from([4, 8, 16]),
        m=st.integers(1, 12), n=st.integers(1, 40), block_q=st.sampled_from([4, 8, 16]),
-       block_k=st.sampled_from([4, 8, 32]), mask_kind=st.sampled_from(['random', 'empty', 'full']),
+       block_k=st.sampled_from([4, 8, 32]), block_m=st.sampled_from([4, 8]), mask_kind=st.sampled_from(['random', 'empty', 'full']),
        with_bias=st.booleans(), seed=st.integers(0, 2**16))
-def test_forward_and_gradients_match_reference(b, h, d, m, n, block_q, block_k, mask_kind,
-                                               with_bias, seed):
+def test_forward_and_gradients_match_reference(b, h, d, m, n, block_q, block_k, block_m,
+                                               mask_kind, with_bias, seed):
   q, k, v, mask, bias, cot = _inputs(seed, b, h, d, m, n, mask_kind)
   bias = bias if with_bias else None
-  kernel = functools.partial(masked_attention, block_q=block_q, block_k=block_k)
+  kernel = functools.partial(masked_attention, block_q=block_q, block_k=block_k, block_m=block_m)
   out, grads = _value_and_vjp(kernel, q, k, v, mask, bias, cot)
   ref_out, ref_grads = _value_and_vjp(masked_attention_reference, q, k, v, mask, bias, cot)
   np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
@@ -60,10 +60,9 @@ def test_forward_and_gradients_match_reference(b, h, d, m, n, block_q, block_k, 
       np.testing.assert_allclose(g, ref_g, rtol=1e-5, atol=1e-5)
 
 
-@settings(max_examples=2, deadline=None, derandomize=True)
-@given(m=st.integers(1, 10), n=st.integers(1, 30), mask_kind=st.sampled_from(['random', 'empty']))
-def test_bfloat16_within_bfloat16_tolerance(m, n, mask_kind):
-  q, k, v, mask, bias, _ = _inputs(0, 2, 2, 8, m, n, mask_kind, jnp.bfloat16)
+def test_bfloat16_within_bfloat16_tolerance():
+  m, n = 7, 20
+  q, k, v, mask, bias, _ = _inputs(0, 2, 2, 8, m, n, 'random', jnp.bfloat16)
   out = jax.jit(functools.partial(masked_attention, block_q=8, block_k=8))(q, k, v, mask, bias)
   assert out.dtype == jnp.bfloat16
   f32 = lambda x: x.astype(jnp.float32)
@@ -91,7 +90,8 @@ def test_skipped_blocks_are_not_read():
   schedule = block_schedule(mask, block, block)
   np.testing.assert_array_equal(schedule[0, 0], [True, False, False, False, False, True])
   v = v.at[:, m + 1 + block:m + 1 + 5 * block].set(jnp.nan)
-  out = jax.jit(functools.partial(masked_attention, block_q=block, block_k=block))(q, k, v, mask)
+  out = jax.jit(functools.partial(masked_attention, block_q=block, block_k=block, block_m=block))(
+      q, k, v, mask)
   assert np.isfinite(out[:, :m]).all()
   assert np.isnan(out[:, m:]).all()  # class and patch tokens do read those values
 

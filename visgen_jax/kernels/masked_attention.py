@@ -19,6 +19,12 @@ the class key; because the class key is always visible every row has a finite
 maximum and an empty mask cannot produce NaN. Lengths are padded to the block
 sizes and padded keys are masked by position.
 
+Mask tokens do not see each other, so their rows are independent: the masked
+launch processes them sorted by their mask's centroid (and un-sorts the output),
+which groups masks over nearby patches into one query block and lets far more
+key blocks be skipped than the model's arbitrary order would (0 % → 15–45 % of
+the mask rows' blocks for COCO-like masks, see the bench).
+
 Backward: `jax.custom_vjp` whose backward pass recomputes with the dense jnp
 reference (XLA), i.e. it is not blocked and holds [B, H, T, T] logits.
 
@@ -169,7 +175,15 @@ def _launch(q, k, v, mask, bias, *, num_patches, block_q, block_k, interpret, co
       compiler_params=compiler_params, name='maskclip_masked_attention')(*args)
 
 
-def _forward(q, k, v, mask, bias, scale, block_q, block_k, interpret, compiler_params):
+def mask_order(mask):
+  """[B, M] order of the mask tokens by the centroid of their patch indices (empty ones first)."""
+  mask = jnp.asarray(mask, bool)
+  index = jnp.arange(mask.shape[2], dtype=jnp.float32)
+  count = jnp.maximum(mask.sum(axis=2), 1).astype(jnp.float32)
+  return jnp.argsort(jnp.where(mask, index, 0).sum(axis=2) / count, axis=1, stable=True)
+
+
+def _forward(q, k, v, mask, bias, scale, block_q, block_k, block_m, interpret, compiler_params):
   m, n = mask.shape[1:]
   root = math.sqrt(scale)
   # [B, T, H, D] → [B, H, T, D]; the scale is split over q and k as in nn.attention.
@@ -177,31 +191,43 @@ def _forward(q, k, v, mask, bias, scale, block_q, block_k, interpret, compiler_p
   kp = -(-(n + 1) // block_k) * block_k
   keys = lambda x: _pad_to(jnp.concatenate([x[:, :, m + 1:], x[:, :, m:m + 1]], axis=2), 2, kp)
   k, v = keys(k), keys(v)
-  launch = functools.partial(_launch, num_patches=n, block_q=block_q, block_k=block_k,
+  launch = functools.partial(_launch, num_patches=n, block_k=block_k,
                              interpret=interpret, compiler_params=compiler_params)
   rows_img = -(-(n + 1) // block_q) * block_q
-  out_img = launch(_pad_to(q[:, :, m:], 2, rows_img), k, v, None, None)[:, :, :n + 1]
+  out_img = launch(_pad_to(q[:, :, m:], 2, rows_img), k, v, None, None,
+                   block_q=block_q)[:, :, :n + 1]
   if m == 0:
     return jnp.swapaxes(out_img, 1, 2)
-  rows_mask = -(-m // block_q) * block_q
-  mask_p = _pad_to(_pad_to(mask.astype(jnp.int8), 1, rows_mask), 2, kp)
-  bias_p = None if bias is None else _pad_to(_pad_to(bias, 2, rows_mask), 3, kp)
-  out_mask = launch(_pad_to(q[:, :, :m], 2, rows_mask), k, v, mask_p, bias_p)[:, :, :m]
+  order = mask_order(mask)
+  rows_mask = -(-m // block_m) * block_m
+
+  def rows(x, axis):  # sorted mask-token rows of x along `axis`, padded to the block
+    order_x = jnp.expand_dims(order, tuple(i for i in range(x.ndim) if i not in (0, axis)))
+    return _pad_to(jnp.take_along_axis(x, order_x, axis=axis), axis, rows_mask)
+
+  mask_p = _pad_to(rows(mask.astype(jnp.int8), 1), 2, kp)
+  bias_p = None if bias is None else _pad_to(rows(bias, 2), 3, kp)
+  out_mask = launch(rows(q[:, :, :m], 2), k, v, mask_p, bias_p, block_q=block_m)[:, :, :m]
+  out_mask = jnp.take_along_axis(out_mask, jnp.argsort(order, axis=1)[:, None, :, None], axis=2)
   return jnp.swapaxes(jnp.concatenate([out_mask, out_img], axis=2), 1, 2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _masked_attention(q, k, v, mask, bias, scale, block_q, block_k, interpret, compiler_params):
-  return _forward(q, k, v, mask, bias, scale, block_q, block_k, interpret, compiler_params)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _masked_attention(q, k, v, mask, bias, scale, block_q, block_k, block_m, interpret,
+                      compiler_params):
+  return _forward(q, k, v, mask, bias, scale, block_q, block_k, block_m, interpret,
+                  compiler_params)
 
 
-def _masked_attention_fwd(q, k, v, mask, bias, scale, block_q, block_k, interpret, compiler_params):
-  out = _forward(q, k, v, mask, bias, scale, block_q, block_k, interpret, compiler_params)
+def _masked_attention_fwd(q, k, v, mask, bias, scale, block_q, block_k, block_m, interpret,
+                          compiler_params):
+  out = _forward(q, k, v, mask, bias, scale, block_q, block_k, block_m, interpret,
+                 compiler_params)
   return out, (q, k, v, mask, bias)
 
 
-def _masked_attention_bwd(scale, block_q, block_k, interpret, compiler_params, res, g):
-  del block_q, block_k, interpret, compiler_params
+def _masked_attention_bwd(scale, block_q, block_k, block_m, interpret, compiler_params, res, g):
+  del block_q, block_k, block_m, interpret, compiler_params
   q, k, v, mask, bias = res
   ref = lambda q, k, v, bias: masked_attention_reference(q, k, v, mask, bias, scale=scale)
   dq, dk, dv, dbias = jax.vjp(ref, q, k, v, bias)[1](g)
@@ -212,7 +238,7 @@ _masked_attention.defvjp(_masked_attention_fwd, _masked_attention_bwd)
 
 
 def masked_attention(q, k, v, mask, bias=None, *, scale=None, block_q=128, block_k=128,
-                     interpret=None, compiler_params=None):
+                     block_m=32, interpret=None, compiler_params=None):
   """MaskCLIP attention (Eq. 2.1, plus RMA's bias) with the Pallas kernel.
 
   Args:
@@ -221,7 +247,9 @@ def masked_attention(q, k, v, mask, bias=None, *, scale=None, block_q=128, block
     mask: [B, M, N] bool; True where mask token m may see patch n.
     bias: optional [B, H, M, N] additive logits for the mask-token × patch block.
     scale: logit scale; default 1/sqrt(D).
-    block_q, block_k: query / key block sizes (see the module note for TPU/GPU constraints).
+    block_q, block_k: query (class and patch rows) / key block sizes (see the module
+      note for TPU/GPU constraints).
+    block_m: query block size of the mask-token rows; small blocks skip more.
     interpret: run the kernel in Pallas interpret mode; default: on CPU only.
     compiler_params: passed to `pallas_call`, e.g.
       `jax.experimental.pallas.triton.CompilerParams()` to select Triton on GPU.
@@ -231,32 +259,32 @@ def masked_attention(q, k, v, mask, bias=None, *, scale=None, block_q=128, block
   """
   _check(q, k, v, mask, bias)
   mask = jnp.asarray(mask, bool)
-  for name, size in (('block_q', block_q), ('block_k', block_k)):
+  for name, size in (('block_q', block_q), ('block_k', block_k), ('block_m', block_m)):
     if not isinstance(size, int) or size < 1:
       raise UserError(f'masked attention {name}={size!r} must be a positive int.')
   if scale is None:
     scale = 1.0 / math.sqrt(q.shape[-1])
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'
-  return _masked_attention(q, k, v, mask, bias, float(scale), block_q, block_k, interpret,
-                           compiler_params)
+  return _masked_attention(q, k, v, mask, bias, float(scale), block_q, block_k, block_m,
+                           interpret, compiler_params)
 
 
-def block_schedule(mask, block_q, block_k):
+def block_schedule(mask, block_m, block_k):
   """Which (mask-token query block, key block) pairs the masked launch visits, in numpy.
 
   Args:
-    mask: [B, M, N] bool.
-    block_q, block_k: the kernel's block sizes.
+    mask: [B, M, N] bool, in the model's order.
+    block_m, block_k: the kernel's block sizes.
 
   Returns:
-    [B, ceil(M / block_q), ceil((N + 1) / block_k)] bool; the same rule as the kernel.
+    [B, ceil(M / block_m), ceil((N + 1) / block_k)] bool; the kernel's order and rule.
   """
-  mask = np.asarray(mask, bool)
+  mask = np.take_along_axis(np.asarray(mask, bool), np.asarray(mask_order(mask))[:, :, None], 1)
   b, m, n = mask.shape
-  rows, kp = -(-m // block_q) * block_q, -(-(n + 1) // block_k) * block_k
+  rows, kp = -(-m // block_m) * block_m, -(-(n + 1) // block_k) * block_k
   padded = np.zeros((b, rows, kp), bool)
   padded[:, :m, :n] = mask
-  blocks = padded.reshape(b, rows // block_q, block_q, kp // block_k, block_k).any(axis=(2, 4))
+  blocks = padded.reshape(b, rows // block_m, block_m, kp // block_k, block_k).any(axis=(2, 4))
   blocks[:, :, n // block_k] = True  # the block holding the class key
   return blocks
