@@ -56,6 +56,22 @@ def num_codes(config) -> int:
   return rows
 
 
+def window_losses(shifted, plain, noise, inside):
+  """Per-example ε-MSE of one 2×2 window: (collaged centre patch, plain patches
+  masked to the unpadded area).
+
+  shifted [B, 1, 1, p, p, C] and plain [B, 2, 2, p, p, C] are the model's
+  outputs; noise [B, 2p, 2p, C] and inside [B, 2p, 2p, 1] (1 = image, 0 =
+  padding) are the window's. The masked mean is over the whole window.
+  """
+  patch = shifted.shape[3]
+  half = patch // 2
+  target = noise[:, half:half + patch, half:half + patch]
+  mse_collage = jnp.mean(jnp.square(shifted[:, 0, 0].astype(jnp.float32) - target), axis=(1, 2, 3))
+  err = jnp.square(plain.astype(jnp.float32) - to_patches(noise, patch)) * to_patches(inside, patch)
+  return mse_collage, jnp.mean(err, axis=(1, 2, 3, 4, 5))
+
+
 def load_image(path: str, key: str):
   """An RGB image file as float32 [H, W, 3] in [-1, 1]."""
   if not path or not os.path.isfile(path):
@@ -140,10 +156,7 @@ def make(config) -> System:
     shifted, plain = unet.apply({'params': params['unet']}, to_patches(x_win, patch), t, pos, code,
                                 keep_pos, decode='both', train=True, rngs={'dropout': dropout_key})
 
-    target_shift = noise_win[:, half:half + patch, half:half + patch]
-    mse_collage = jnp.mean(jnp.square(shifted[:, 0, 0].astype(jnp.float32) - target_shift), axis=(1, 2, 3))
-    err_plain = jnp.square(plain.astype(jnp.float32) - to_patches(noise_win, patch)) * to_patches(inside_win, patch)
-    mse_plain = jnp.mean(err_plain, axis=(1, 2, 3, 4, 5))
+    mse_collage, mse_plain = window_losses(shifted, plain, noise_win, inside_win)
     loss = mse_collage + mse_plain
     return loss.mean(), {'mse_collage': mse_collage.mean(), 'mse_plain': mse_plain.mean()}
 

@@ -1,0 +1,179 @@
+"""Patch-DM: feature collage, the patch UNet's locality, the windowed loss,
+any-size sampling, bad input, and the CLI end to end (tiny models)."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import run_main
+from visgen_jax.errors import UserError
+from visgen_jax.kernels.collage import collage, collage_band
+from visgen_jax.models.patch_unet import PatchUNet, from_patches, grid_positions, to_patches
+from visgen_jax.systems import patchdm
+from visgen_jax.train import config as config_lib
+
+TINY = 'configs/patchdm_1k.py:tiny'
+
+
+def collage_loop(features, grid, batch):
+  """The definition, pixel by pixel: shifted patch (i, j) takes, at each pixel,
+  the pixel of whichever of the four neighbours lies there."""
+  p1, p2 = grid
+  f = np.asarray(features).reshape(batch, p1, p2, *features.shape[1:])
+  h, w = f.shape[3:5]
+  out = np.zeros((batch, p1 - 1, p2 - 1, h, w, f.shape[-1]), f.dtype)
+  for i in range(p1 - 1):
+    for j in range(p2 - 1):
+      for y in range(h):
+        for x in range(w):
+          gy, gx = i * h + h // 2 + y, j * w + w // 2 + x
+          out[:, i, j, y, x] = f[:, gy // h, gx // w, gy % h, gx % w]
+  return out.reshape(-1, h, w, f.shape[-1])
+
+
+def test_collage_is_the_half_patch_shifted_copy_and_its_gradient_scatters_back():
+  rng = np.random.default_rng(0)
+  feats = jnp.asarray(rng.normal(size=(2 * 3 * 4, 4, 6, 5)), jnp.float32)
+  out = collage(feats, (3, 4), 2)
+  np.testing.assert_array_equal(out, collage_loop(feats, (3, 4), 2))
+  # Adjoint: every shifted pixel is a copy of exactly one source pixel; the
+  # outer half-patch rim of the grid is read by nobody.
+  weights = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+  grad = jax.grad(lambda f: jnp.sum(collage(f, (3, 4), 2) * weights))(feats)
+  ids = jnp.arange(feats.size, dtype=jnp.float32).reshape(feats.shape)
+  expected = np.zeros(feats.size, np.float32)
+  np.add.at(expected, np.asarray(collage(ids, (3, 4), 2)).astype(int).ravel(), np.asarray(weights).ravel())
+  np.testing.assert_array_equal(grad, expected.reshape(feats.shape))
+  assert float(jnp.abs(grad).sum()) > 0
+
+
+def test_collage_band_equals_rows_of_the_full_collage():
+  feats = jnp.asarray(np.random.default_rng(1).normal(size=(2 * 5 * 3, 4, 4, 2)), jnp.float32)
+  full = collage(feats, (5, 3), 2).reshape(2, 4, 2, 4, 4, 2)
+  band = collage_band(feats, (5, 3), 2, start=1, rows=2).reshape(2, 2, 2, 4, 4, 2)
+  np.testing.assert_array_equal(band, full[:, 1:3])
+  with pytest.raises(UserError, match='outside'):
+    collage_band(feats, (5, 3), 2, start=3, rows=2)
+
+
+@pytest.fixture(scope='module')
+def unet_and_params():
+  unet = PatchUNet(patch_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                   attention_resolutions=(8,), embed_dim=64, pos_channels=16, code_dim=8, dropout=0.0)
+  x = jnp.zeros((1, 2, 2, 16, 16, 3))
+  shapes = jax.eval_shape(lambda k: unet.init(k, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1, 2, 2, 2)),
+                                              jnp.zeros((1, 8)), decode='both'), jax.random.key(0))['params']
+  return unet, random_params(shapes)
+
+
+def random_params(shapes, seed=1):
+  """Random weights of the given shapes (no init compile; and zero-initialised
+  output convs would make every output 0)."""
+  paths, tree = jax.tree_util.tree_flatten_with_path(shapes)
+  rng = np.random.default_rng(seed)
+  leaves = [(1.0 if 'scale' in jax.tree_util.keystr(path) else 0.0) + 0.1 * rng.normal(size=leaf.shape)
+            for path, leaf in paths]
+  return tree.unflatten([jnp.asarray(l, jnp.float32) for l in leaves])
+
+
+def test_patch_unet_is_local_plain_patches_alone_and_collaged_patches_from_their_four_neighbours(unet_and_params):
+  unet, params = unet_and_params
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(1, 2, 3, 16, 16, 3)), jnp.float32)
+  t = jnp.array([321])
+  pos = jnp.asarray(np.stack(np.meshgrid(np.arange(2.), np.arange(3.), indexing='ij'), -1)[None], jnp.float32)
+  code = jnp.asarray(rng.normal(size=(1, 8)), jnp.float32)
+  apply = jax.jit(lambda x, pos, decode: unet.apply({'params': params}, x, t, pos, code, decode=decode),
+                  static_argnums=2)
+  shifted, plain = apply(x, pos, 'both')
+  assert shifted.shape == (1, 1, 2, 16, 16, 3) and plain.shape == (1, 2, 3, 16, 16, 3)
+  # A plain patch is the same on its own (a 1x1 grid) as inside the grid.
+  alone = apply(x[:, 1:2, 2:3], pos[:, 1:2, 2:3], 'plain')
+  np.testing.assert_allclose(alone[0, 0, 0], plain[0, 1, 2], rtol=1e-4, atol=1e-4)
+  # A collaged patch depends only on its 2x2 neighbours.
+  sub, _ = apply(x[:, :, 1:3], pos[:, :, 1:3], 'both')
+  np.testing.assert_allclose(sub[0, 0, 0], shifted[0, 0, 1], rtol=1e-4, atol=1e-4)
+  # ... and really mixes them: changing the far-right column changes it.
+  moved, _ = apply(x.at[:, :, 2].add(1.0), pos, 'both')
+  assert float(jnp.abs(moved[0, 0, 1] - shifted[0, 0, 1]).max()) > 1e-3
+  np.testing.assert_allclose(moved[0, 0, 0], shifted[0, 0, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_window_loss_ignores_the_padding_but_not_the_image():
+  rng = np.random.default_rng(3)
+  noise = jnp.asarray(rng.normal(size=(1, 8, 8, 3)), jnp.float32)
+  inside = jnp.zeros((1, 8, 8, 1)).at[:, 2:, 2:].set(1.0)  # window at the top-left corner
+  plain = to_patches(noise, 4)
+  shifted = noise[:, 2:6, 2:6][:, None, None]
+  assert [float(v[0]) for v in patchdm.window_losses(shifted, plain, noise, inside)] == [0.0, 0.0]
+  wrong_pad = plain.at[:, 0, 0, 0, 0].add(100.0)  # padding pixel (0, 0)
+  assert float(patchdm.window_losses(shifted, wrong_pad, noise, inside)[1][0]) == 0.0
+  wrong_img = plain.at[:, 1, 1, 0, 0, 0].add(8.0)  # image pixel (4, 4)
+  assert float(patchdm.window_losses(shifted, wrong_img, noise, inside)[1][0]) == pytest.approx(64 / 192)
+
+
+def test_grid_positions_interpolate_inside_and_extend_without_positions_outside():
+  pos, mask = grid_positions((4, 8), (2, 4), 'interpolate')
+  assert pos.shape == (5, 9, 2) and mask.all()
+  np.testing.assert_allclose(pos[:, 0, 0], [0, 0.5, 1, 1.5, 2])
+  pos, mask = grid_positions((4, 6), (2, 4), 'extend')
+  np.testing.assert_array_equal(pos[:, 0, 0], [-1, 0, 1, 2, 3])
+  np.testing.assert_array_equal(mask[:, 3], [0, 1, 1, 1, 0])
+  with pytest.raises(UserError, match='smaller than the trained'):
+    grid_positions((1, 4), (2, 4), 'extend')
+  with pytest.raises(UserError, match='position dropout'):
+    grid_positions((4, 6), (2, 4), 'extend', unconditional_positions=False)
+
+
+def tiny_config(*overrides):
+  return config_lib.load_config(TINY, overrides)
+
+
+def test_sampling_at_a_size_never_trained_has_that_shape():
+  config = tiny_config('sample.size=48,80', 'sampler.steps=2', 'sampler.guidance_scale=0.5')
+  system = patchdm.make(config)
+  batch = {'image': jnp.zeros((4, 32, 64, 3)), 'index': jnp.zeros((4,), jnp.int32)}
+  params = random_params(jax.eval_shape(system.init, jax.random.key(0), batch))
+  images = system.sample(params, jax.random.key(1))
+  assert images.shape == (2, 48, 80, 3) and bool(jnp.isfinite(images).all())
+  np.testing.assert_array_equal(from_patches(to_patches(images, 16)), images)
+
+
+@pytest.mark.parametrize('overrides, words', [
+    (['data.resolution=40,64'], ['data.resolution', 'divisible', '16']),
+    (['sample.size=48,70'], ['sample.size', 'divisible']),
+    (['sample.size=16,32', 'sample.positions=extend'], ['smaller than the trained']),
+    (['sample.size=64,96', 'sample.positions=extend', 'diffusion.pos_drop=0'], ['position dropout']),
+    (['sample.code_index=0,99999'], ['code_index', '99999', 'out of range']),
+    (['model.num_codes=1'], ['num_codes']),
+])
+def test_bad_input_is_a_user_error(overrides, words):
+  with pytest.raises(UserError) as e:
+    patchdm.make(tiny_config(*overrides))
+  for word in words:
+    assert word in str(e.value)
+
+
+def test_cli_trains_samples_and_outpaints(tmp_path):
+  workdir = tmp_path / 'run'
+  run_main(f'--config={TINY}', f'--workdir={workdir}', '--config.total_steps=2', '--config.sample_every=0',
+           '--config.ckpt_every=2', check=True)
+  assert (workdir / 'checkpoints' / '2').is_dir()
+  centre = tmp_path / 'centre.png'
+  Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(centre)
+  # A canvas that covers the input leaves nothing to outpaint: refused, nothing written.
+  bad = run_main(f'--config={TINY}', f'--workdir={workdir}', '--mode=outpaint', '--config.sample.size=32,32',
+                 f'--config.edit.input={centre}')
+  assert bad.returncode == 2 and 'covers everything' in bad.stderr
+  assert not (workdir / 'outpaint').exists()
+  run_main(f'--config={TINY}', f'--workdir={workdir}', '--mode=outpaint', '--config.sample.size=32,64',
+           f'--config.edit.input={centre}', '--config.sampler.steps=2', check=True)
+  outs = sorted(os.listdir(workdir / 'outpaint'))
+  assert outs == ['00000.png', '00001.png']
+  image = np.asarray(Image.open(workdir / 'outpaint' / outs[0]))
+  assert image.shape == (32, 64, 3)
+  np.testing.assert_array_equal(image[:, 16:48], 200)  # the known centre is kept exactly
