@@ -140,6 +140,27 @@ def _save_samples(s: Setup, state, step, workdir, writer):
   writer.write_images(step, 'samples', grid)
 
 
+def _loop(s: Setup, state, start, data_iter, train_step, ckpt, writer, bar, workdir):
+  config = s.config
+  last_time, last_step = time.perf_counter(), start
+  for step in range(start + 1, config.total_steps + 1):
+    state, metrics = train_step(state, _global_batch(s.mesh, next(data_iter)))
+    bar.update(1)
+    if step % config.log_every == 0 or step == config.total_steps:
+      metrics = jax.device_get(metrics)  # the only host sync: once per log interval
+      now = time.perf_counter()
+      seconds_per_step = (now - last_time) / (step - last_step)
+      metrics.update(step_time=seconds_per_step, images_per_sec=config.batch_size / seconds_per_step)
+      last_time, last_step = now, step
+      writer.write(step, metrics)
+      bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+    if step % config.ckpt_every == 0 or step == config.total_steps:
+      ckpt.save(step, state, data_iter.get_state())
+    if s.system.sample and config.sample_every and (step % config.sample_every == 0 or step == config.total_steps):
+      _save_samples(s, state, step, workdir, writer)
+  return state
+
+
 def train(config, workdir: str):
   s = setup(config)
   data_iter = pipeline.make_train_iterator(
@@ -162,27 +183,14 @@ def train(config, workdir: str):
 
   train_step = make_train_step(s)
   writer = vlog.MetricWriter(workdir)
-  show = jax.process_index() == 0
-  bar = tqdm(total=config.total_steps, initial=start, disable=not show, unit='step', dynamic_ncols=True)
-  last_time, last_step = time.perf_counter(), start
-  for step in range(start + 1, config.total_steps + 1):
-    state, metrics = train_step(state, _global_batch(s.mesh, next(data_iter)))
-    bar.update(1)
-    if step % config.log_every == 0 or step == config.total_steps:
-      metrics = jax.device_get(metrics)  # the only host sync: once per log interval
-      now = time.perf_counter()
-      seconds_per_step = (now - last_time) / (step - last_step)
-      metrics.update(step_time=seconds_per_step, images_per_sec=config.batch_size / seconds_per_step)
-      last_time, last_step = now, step
-      writer.write(step, metrics)
-      bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-    if step % config.ckpt_every == 0 or step == config.total_steps:
-      ckpt.save(step, state, data_iter.get_state())
-    if s.system.sample and config.sample_every and (step % config.sample_every == 0 or step == config.total_steps):
-      _save_samples(s, state, step, workdir, writer)
-  bar.close()
-  ckpt.close()
-  writer.close()
+  bar = tqdm(total=config.total_steps, initial=start, disable=jax.process_index() != 0, unit='step',
+             dynamic_ncols=True)
+  try:
+    state = _loop(s, state, start, data_iter, train_step, ckpt, writer, bar, workdir)
+  finally:
+    bar.close()
+    ckpt.close()  # waits for the last asynchronous save, also when the loop failed
+    writer.close()
   return state
 
 
