@@ -158,18 +158,23 @@ def test_bad_input_is_a_user_error(overrides, words):
     assert word in str(e.value)
 
 
-def test_cli_trains_samples_and_outpaints(tmp_path):
+@pytest.mark.parametrize('size, what', [('32,32', 'covers everything'), ('16,64', 'larger than the canvas')])
+def test_outpainting_an_input_that_fills_the_canvas_is_refused_before_writing(tmp_path, size, what):
+  centre = tmp_path / 'centre.png'
+  Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(centre)
+  system = patchdm.make(tiny_config(f'sample.size={size}', f'edit.input={centre}'))
+  with pytest.raises(UserError, match=what):
+    system.commands['outpaint'](None, jax.random.key(0), str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+def test_cli_trains_and_outpaints(tmp_path):
   workdir = tmp_path / 'run'
   run_main(f'--config={TINY}', f'--workdir={workdir}', '--config.total_steps=2', '--config.sample_every=0',
            '--config.ckpt_every=2', check=True)
   assert (workdir / 'checkpoints' / '2').is_dir()
   centre = tmp_path / 'centre.png'
   Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(centre)
-  # A canvas that covers the input leaves nothing to outpaint: refused, nothing written.
-  bad = run_main(f'--config={TINY}', f'--workdir={workdir}', '--mode=outpaint', '--config.sample.size=32,32',
-                 f'--config.edit.input={centre}')
-  assert bad.returncode == 2 and 'covers everything' in bad.stderr
-  assert not (workdir / 'outpaint').exists()
   run_main(f'--config={TINY}', f'--workdir={workdir}', '--mode=outpaint', '--config.sample.size=32,64',
            f'--config.edit.input={centre}', '--config.sampler.steps=2', check=True)
   outs = sorted(os.listdir(workdir / 'outpaint'))
@@ -177,3 +182,14 @@ def test_cli_trains_samples_and_outpaints(tmp_path):
   image = np.asarray(Image.open(workdir / 'outpaint' / outs[0]))
   assert image.shape == (32, 64, 3)
   np.testing.assert_array_equal(image[:, 16:48], 200)  # the known centre is kept exactly
+
+
+@pytest.mark.parametrize('mask_value, what', [(255, 'covers everything'), (0, 'nothing to inpaint')])
+def test_inpainting_mask_must_mark_some_but_not_all_pixels(tmp_path, mask_value, what):
+  photo, holes = tmp_path / 'photo.png', tmp_path / 'holes.png'
+  Image.fromarray(np.full((32, 64, 3), 90, np.uint8)).save(photo)
+  Image.fromarray(np.full((32, 64), mask_value, np.uint8)).save(holes)
+  system = patchdm.make(tiny_config(f'edit.input={photo}', f'edit.mask={holes}'))
+  with pytest.raises(UserError, match=what):
+    system.commands['inpaint'](None, jax.random.key(0), str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
