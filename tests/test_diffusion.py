@@ -151,6 +151,20 @@ def test_p2_weighting():
   assert np.all(np.diff(w) > 0) and w[-1] > 0.99
 
 
+def test_l1_loss_is_the_mean_absolute_error_and_an_unknown_type_is_refused():
+  x0 = jnp.zeros((2, 3))
+  noise = jnp.array([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
+  model = lambda x_t, t: jnp.zeros_like(x_t)  # predicts ε = 0: the error is the noise itself
+  i = jnp.array([3, 700])
+  l1, aux = losses.loss_terms(LINEAR, model, x0, i, noise, loss_type='l1')
+  np.testing.assert_allclose(l1, [3.5 / 3, 4.0 / 3], rtol=1e-6)
+  assert set(aux) == {'l1'}
+  mse, _ = losses.loss_terms(LINEAR, model, x0, i, noise)
+  np.testing.assert_allclose(mse, [5.25 / 3, 10.0 / 3], rtol=1e-6)
+  with pytest.raises(UserError, match='loss_type'):
+    losses.loss_terms(LINEAR, model, x0, i, noise, loss_type='huber')
+
+
 def test_hybrid_loss_trains_variance_only_through_vb():
   x0 = jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (2, 4, 4, 3)), jnp.float32)
   noise = jnp.asarray(np.random.default_rng(4).standard_normal(x0.shape), jnp.float32)

@@ -287,3 +287,11 @@ def test_schedule_can_be_a_jit_argument_of_the_schedule_steppers():
                              samplers.ddim(None, _image_denoiser, SCHED, x), atol=1e-5)
   with pytest.raises(UserError, match='close over the schedule'):
     run('euler')(SCHED, x)
+
+
+def test_unused_editing_options_may_be_none_for_the_ode_solvers():
+  x = jnp.zeros(IMG)
+  out = samplers.euler(None, _image_denoiser, SCHED, x, steps=2, inpaint=None, loss_guidance=None)
+  assert out.shape == IMG
+  with pytest.raises(UserError, match='unknown euler options'):
+    samplers.euler(None, _image_denoiser, SCHED, x, variance='fixed_small')

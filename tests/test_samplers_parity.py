@@ -13,7 +13,6 @@ pytest.importorskip('guided_diffusion')
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-from guided_diffusion import gaussian_diffusion as gd  # pylint: disable=g-import-not-at-top
 from guided_diffusion import respace as gd_respace  # pylint: disable=g-import-not-at-top
 from guided_diffusion import script_util  # pylint: disable=g-import-not-at-top
 

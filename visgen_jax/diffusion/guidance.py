@@ -2,7 +2,7 @@
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -1,10 +1,12 @@
 """Samplers: pure functions of (key, denoise_fn, schedule, x_T, options) -> x₀.
 
 `denoise_fn(x_t, t, **cond)` is called with ORIGINAL timesteps t of shape [B]:
-int32 for the samplers that step on the schedule (ddpm, ddim, dpmpp_2m,
-ddim_invert), float32 fractional timesteps for the σ-stepping ones (euler,
-heun). All steps run in one `lax.scan`, so a sampler compiles once and works
-under jit, vmap and with sharded inputs. Options are checked in Python before
+int32 on the schedule's own steps (ddpm, ddim, ddim_invert, and the ODE
+solvers with grid='schedule'), float32 fractional timesteps on Karras levels
+(euler, heun, dpmpp_2m by default). All steps run in one `lax.scan`, so a
+sampler compiles once per jit and works under jit, vmap and with sharded
+inputs (called eagerly it traces and compiles on every call: wrap it in
+jax.jit to reuse the compilation). Options are checked in Python before
 anything is traced, so mistakes surface as UserError, not as tracer errors.
 
 Common options:
@@ -295,12 +297,6 @@ def ddim_invert(denoise_fn: Callable, schedule, x0, *, num_steps: Optional[int] 
   return _result(x, traj, num_steps, return_info, trajectory)
 
 
-def _no_editing(name, options):
-  for opt in ('loss_guidance', 'inpaint'):
-    if options.get(opt) is not None:
-      raise UserError(f'{opt} is supported by the ddpm and ddim samplers, not {name}.')
-
-
 GRIDS = ('karras', 'schedule')
 
 
@@ -311,7 +307,9 @@ def _sigma_solver(kind, key, denoise_fn, schedule, x_T, *, grid='karras', steps=
                   progress=False, return_info=False, trajectory=False, **options):
   """ODE solvers on the probability-flow ODE in σ, with the VE state x/√ᾱ."""
   del key  # Deterministic; the argument keeps one signature for all samplers.
-  _no_editing(kind, options)
+  for opt in ('loss_guidance', 'inpaint'):
+    if options.pop(opt, None) is not None:
+      raise UserError(f'{opt} is supported by the ddpm and ddim samplers, not {kind}.')
   if options:
     raise UserError(f'unknown {kind} options: {sorted(options)}.')
   _check_x(x_T)
