@@ -38,7 +38,7 @@ def test_user_mistake_exits_2_with_one_sentence_and_writes_nothing(tmp_path, nam
 
 @pytest.mark.parametrize('args, word', [
     (['--config=configs/nope.py'], 'nope.py'),
-    ([f'--config=configs/adm_ffhq256.py:huge'], 'huge'),
+    (['--config=configs/adm_ffhq256.py:huge'], 'huge'),
     ([f'--config={TINY}', '--mode=dance'], 'dance'),
     ([f'--config={TINY}', '--bogus_flag=1'], 'bogus_flag'),
 ])

@@ -9,12 +9,11 @@ before anything is written to the workdir.
 """
 
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags
 
+from visgen_jax import cli
 from visgen_jax.errors import UserError
-
 
 flags.DEFINE_string('config', None, 'configs/<experiment>.py[:variant]; override keys with --config.key=value.')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
@@ -26,20 +25,6 @@ flags.DEFINE_integer('process_id', None, 'This process index (multi-host without
 FLAGS = flags.FLAGS
 
 _overrides = []
-
-
-def _parse_flags(argv):
-  """absl parses our flags; `--config.key=value` overrides are kept for load_config."""
-  _overrides.extend(a[len('--config.'):] for a in argv[1:] if a.startswith('--config.'))
-  try:
-    return FLAGS([a for a in argv if not a.startswith('--config.')])
-  except flags.Error as e:
-    _fail(str(e))
-
-
-def _fail(message: str):
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
 
 
 def run(argv):
@@ -61,13 +46,7 @@ def run(argv):
 
 
 def main():
-  def guarded(argv):
-    try:
-      run(argv)
-    except UserError as e:
-      _fail(str(e))
-  logging.set_verbosity(logging.WARNING)  # Orbax and grain narrate every step at INFO
-  app.run(guarded, flags_parser=_parse_flags)
+  cli.run(run, _overrides)
 
 
 if __name__ == '__main__':

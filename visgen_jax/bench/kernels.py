@@ -14,29 +14,18 @@ MaskCLIP's masked attention (visgen_jax.kernels.masked_attention):
 
 import functools
 import math
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from visgen_jax.bench.common import best_time
 from visgen_jax.kernels import masked_attention as ma
 
 HEADS, HEAD_DIM, MASKS = 16, 64, 100  # ViT-L/14 and MaskCLIP's 100 mask tokens
 GRIDS = (24, 46)
 # (block_q, block_k, block_m): TPU-shaped, GPU-shaped, and one mask-token block for all 100.
 BLOCKS = ((128, 128, 32), (128, 128, 16), (64, 64, 16), (128, 128, 128))
-
-
-def _best_time(fn, repeats=3):
-  """Minimum wall time of fn() (which must block) over `repeats` calls, after a warm-up."""
-  fn()
-  best = math.inf
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def _inputs(key, b, m, n, h=HEADS, d=HEAD_DIM, dtype=jnp.float32, masks=None):
@@ -106,8 +95,8 @@ def reference_time():
     grad = jax.jit(jax.grad(lambda q, k, v, b: jnp.sum(ma.masked_attention_reference(q, k, v, mask, b)),
                             argnums=(0, 1, 2, 3)))
     out[f'{side}x{side}'] = {
-        'forward_s': _best_time(lambda: fwd(q, k, v, mask, bias).block_until_ready()),
-        'forward_backward_s': _best_time(lambda: jax.block_until_ready(grad(q, k, v, bias))),
+        'forward_s': best_time(lambda: fwd(q, k, v, mask, bias).block_until_ready()),
+        'forward_backward_s': best_time(lambda: jax.block_until_ready(grad(q, k, v, bias))),
     }
   return out
 
@@ -223,8 +212,8 @@ def accelerator_time():
       fwd = jax.jit(lambda q, k, v, b, fn=fn: fn(q, k, v, mask, b))
       grad = jax.jit(jax.grad(lambda q, k, v, b, fn=fn: jnp.sum(fn(q, k, v, mask, b).astype(jnp.float32)),
                               argnums=(0, 1, 2, 3)))
-      row[f'{name}_forward_s'] = _best_time(lambda: fwd(q, k, v, bias).block_until_ready())
-      row[f'{name}_forward_backward_s'] = _best_time(lambda: jax.block_until_ready(grad(q, k, v, bias)))
+      row[f'{name}_forward_s'] = best_time(lambda: fwd(q, k, v, bias).block_until_ready())
+      row[f'{name}_forward_backward_s'] = best_time(lambda: jax.block_until_ready(grad(q, k, v, bias)))
     out[f'{side}x{side}_batch8_bf16'] = row
   return out
 

@@ -15,7 +15,6 @@ The PNG goes to $VISGEN_BENCH_DIR (default: <tmp>/visgen_bench).
 import math
 import os
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,23 +24,13 @@ from PIL import Image, ImageDraw
 from visgen_jax.diffusion import gmm
 from visgen_jax.diffusion import samplers
 from visgen_jax.diffusion import schedules
+from visgen_jax.bench.common import best_time
 from visgen_jax.models.adm_unet import ADMUNet
 
 NAMES = ('ddpm', 'ddim', 'dpmpp_2m', 'euler', 'heun')
 UNET = dict(image_size=32, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
             attention_resolutions=(16,), channel_mult=(1, 2), num_head_channels=32)
 BATCH = 4
-
-
-def _best_time(fn, repeats):
-  """Minimum wall time of fn() (which must block) over `repeats` calls, after a warm-up."""
-  fn()
-  best = math.inf
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def _unet_and_params():
@@ -61,7 +50,7 @@ def overhead(unet, params):
   denoise = jax.jit(lambda p, x, t: unet.apply({'params': p}, x, t))
   x = jax.random.normal(jax.random.key(2), (BATCH, 32, 32, 3))
   t = jnp.full((BATCH,), 500, jnp.int32)
-  call = _best_time(lambda: denoise(params, x, t).block_until_ready(), 20)
+  call = best_time(lambda: denoise(params, x, t).block_until_ready(), 20)
   base = schedules.make_schedule('linear', 1000)
   out = dict(denoiser_call_s=call)
   for name in NAMES:
@@ -71,7 +60,7 @@ def overhead(unet, params):
                           **opts)[1]['nfe']
     run = jax.jit(lambda p, key, x, name=name, sched=sched, opts=opts: samplers.sample(
         name, key, lambda x_t, t: unet.apply({'params': p}, x_t, t), sched, x, **opts))
-    wall = _best_time(lambda: run(params, jax.random.key(4), x).block_until_ready(), 3)
+    wall = best_time(lambda: run(params, jax.random.key(4), x).block_until_ready(), 3)
     out[name] = dict(steps=50, nfe=nfe, wall_s=wall, overhead=wall / (nfe * call))
   return out
 
@@ -172,7 +161,7 @@ def ddim50_images_per_s(unet):
   x_T = jax.random.normal(jax.random.key(9), (BATCH, 32, 32, 3))
   run = jax.jit(lambda p, x: samplers.ddim(
       None, lambda x_t, t: unet.apply({'params': p}, x_t, t), sched, x))
-  ours = _best_time(lambda: run(params, x_T).block_until_ready(), 3)
+  ours = best_time(lambda: run(params, x_T).block_until_ready(), 3)
   noise = torch.from_numpy(np.asarray(x_T).transpose(0, 3, 1, 2).copy())
   result = {}
 
@@ -185,7 +174,7 @@ def ddim50_images_per_s(unet):
   theirs, threads = math.inf, 1
   for n in sorted({1, os.cpu_count() or 1}):
     torch.set_num_threads(n)
-    wall = _best_time(theirs_run, 1)
+    wall = best_time(theirs_run, 1)
     if wall < theirs:
       theirs, threads = wall, n
   diff = float(np.abs(np.asarray(run(params, x_T)) -

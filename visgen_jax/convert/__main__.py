@@ -14,10 +14,10 @@ JSON on the last line of stdout. Mistakes end with one sentence and exit code 2.
 
 import json
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
+from visgen_jax import cli
 from visgen_jax.errors import UserError
 
 KINDS = ('guided_diffusion',)
@@ -32,19 +32,6 @@ flags.DEFINE_integer('image_size', None, 'Image size in pixels, to place attenti
 FLAGS = flags.FLAGS
 
 _overrides = []
-
-
-def _parse_flags(argv):
-  _overrides.extend(a[len('--config.'):] for a in argv[1:] if a.startswith('--config.'))
-  try:
-    return FLAGS([a for a in argv if not a.startswith('--config.')])
-  except flags.Error as e:
-    _fail(str(e))
-
-
-def _fail(message: str):
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
 
 
 def _model_kwargs(state_dict) -> dict:
@@ -91,12 +78,7 @@ def run(argv):
 
 
 def main():
-  def guarded(argv):
-    try:
-      run(argv)
-    except UserError as e:
-      _fail(str(e))
-  app.run(guarded, flags_parser=_parse_flags)
+  cli.run(run, _overrides)
 
 
 if __name__ == '__main__':
