@@ -10,6 +10,8 @@
   # Any size from the same model (interpolated positions), beyond the trained grid, editing:
   ... --mode=sample --config.sample.size=1024,2048
   ... --mode=sample --config.sample.size=768,1280 --config.sample.positions=extend
+  ... --mode=sample --config.sample.size=2048,4096 --config.sample.stream_rows=1  (memory ~ width)
+  ... --mode=sample --config.sample.code_index=0,5,7,9  (table codes instead of latent-DPM codes)
   ... --mode=outpaint --config.sample.size=512,1024 --config.edit.input=centre.png
   ... --mode=inpaint --config.edit.input=photo.png --config.edit.mask=holes.png  (white = fill in)
 """

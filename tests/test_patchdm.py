@@ -1,18 +1,23 @@
 """Patch-DM: feature collage, the patch UNet's locality, the windowed loss,
-any-size sampling, bad input, and the CLI end to end (tiny models)."""
+the streaming sampler, the latent DPM over codes, any-size sampling, bad
+input, and the CLI end to end (tiny models)."""
 
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
 from tests.helpers import run_main
 from visgen_jax.errors import UserError
 from visgen_jax.kernels.collage import collage, collage_band
-from visgen_jax.models.patch_unet import PatchUNet, from_patches, grid_positions, to_patches
+from visgen_jax.diffusion import schedules
+from visgen_jax.models.latent_mlp import LatentMLP
+from visgen_jax.models.patch_unet import (
+    PatchUNet, collage_denoiser, from_patches, grid_positions, streaming_denoiser, to_patches)
 from visgen_jax.systems import patchdm
 from visgen_jax.train import config as config_lib
 
@@ -103,6 +108,65 @@ def test_patch_unet_is_local_plain_patches_alone_and_collaged_patches_from_their
   np.testing.assert_allclose(moved[0, 0, 0], shifted[0, 0, 0], rtol=1e-4, atol=1e-4)
 
 
+def test_streaming_step_equals_the_all_at_once_step(unet_and_params):
+  unet, params = unet_and_params
+  # 4 patch rows, beyond the trained grid on both sides (masked positions), two images, CFG-style use_pos.
+  pos, mask = grid_positions((4, 2), (2, 2), 'extend')
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(2, 64, 32, 3)), jnp.float32)
+  args = (x, jnp.array([5, 700]), jnp.asarray(rng.normal(size=(2, 8)), jnp.float32), jnp.array([1.0, 0.0]))
+  whole = jax.jit(collage_denoiser(unet, params, pos, mask))(*args)
+  assert float(jnp.abs(whole).mean()) > 0.1
+  # Bands of one patch row: four bands, each carrying the previous band's last encoded row.
+  np.testing.assert_array_equal(jax.jit(streaming_denoiser(unet, params, pos, mask, 1))(*args), whole)
+  with pytest.raises(UserError, match='stream_rows=3 must divide the 4'):
+    streaming_denoiser(unet, params, pos, mask, 3)
+
+
+def test_latent_mlp_feeds_its_input_to_every_layer_and_depends_on_time():
+  mlp = LatentMLP(code_dim=4, num_layers=4, hidden=16)
+  params = mlp.init(jax.random.key(0), jnp.zeros((1, 4)), jnp.zeros((1,), jnp.int32))['params']
+  assert [params[f'layer_{k}']['kernel'].shape for k in range(4)] == [(4, 16), (20, 16), (20, 16), (20, 4)]
+  assert 'layer_3_time' not in params and 'layer_3_norm' not in params  # the output layer is plain
+  z = jnp.ones((1, 4))
+  out = [mlp.apply({'params': params}, z, jnp.array([t])) for t in (0, 500)]
+  assert out[0].shape == (1, 4) and float(jnp.abs(out[0] - out[1]).max()) > 1e-3
+
+
+def test_latent_dpm_learns_a_code_table_and_samples_codes_like_it():
+  # Two clusters, off-centre and narrow, so the z-normalisation and its inverse matter.
+  centres = np.array([[3.0, -1.0, 0.5], [2.0, -1.0, 1.5]], np.float32)
+  table = jnp.asarray(np.repeat(centres, 32, axis=0)
+                      + 0.02 * np.random.default_rng(5).normal(size=(64, 3)), jnp.float32)
+  mlp = LatentMLP(code_dim=3, num_layers=4, hidden=64)
+  base = schedules.make_schedule('const0.008', 1000)
+  params = mlp.init(jax.random.key(0), jnp.zeros((1, 3)), jnp.zeros((1,), jnp.int32))['params']
+  opt = optax.adam(2e-3)
+
+  @jax.jit
+  def train(params, key):
+    def step(carry, key):
+      params, state = carry
+      loss, grads = jax.value_and_grad(lambda p: patchdm.latent_loss(mlp, base, p, table, key, batch_size=64)
+                                       .mean())(params)
+      updates, state = opt.update(grads, state)
+      return (optax.apply_updates(params, updates), state), loss
+    return jax.lax.scan(step, (params, opt.init(params)), jax.random.split(key, 800))
+
+  def distance_to_nearest_centre(params):
+    codes = jax.jit(lambda p: patchdm.sample_codes(mlp, schedules.respace(base, 'ddim50'), p, table,
+                                                   jax.random.key(2), 256))(params)
+    d = np.linalg.norm(np.asarray(codes)[:, None] - centres[None], axis=-1)
+    return d.min(axis=1), np.bincount(d.argmin(axis=1), minlength=2)
+
+  untrained, _ = distance_to_nearest_centre(params)
+  (params, _), curve = train(params, jax.random.key(1))
+  assert float(curve[-100:].mean()) < 0.6 * float(curve[:100].mean())
+  trained, counts = distance_to_nearest_centre(params)
+  assert np.median(untrained) > 0.5
+  assert np.median(trained) < 0.15 and counts.min() > 256 // 5
+
+
 def test_window_loss_ignores_the_padding_but_not_the_image():
   rng = np.random.default_rng(3)
   noise = jnp.asarray(rng.normal(size=(1, 8, 8, 3)), jnp.float32)
@@ -150,6 +214,9 @@ def test_sampling_at_a_size_never_trained_has_that_shape():
     (['sample.size=64,96', 'sample.positions=extend', 'diffusion.pos_drop=0'], ['position dropout']),
     (['sample.code_index=0,99999'], ['code_index', '99999', 'out of range']),
     (['model.num_codes=1'], ['num_codes']),
+    (['sample.stream_rows=3'], ['stream_rows=3', 'divide']),
+    (['latent.loss_type=huber'], ['latent.loss_type', 'huber']),
+    (['latent.sample_steps=0'], ['latent.sample_steps']),
 ])
 def test_bad_input_is_a_user_error(overrides, words):
   with pytest.raises(UserError) as e:

@@ -15,6 +15,8 @@ independently; the decoder runs on the (P1-1)×(P2-1) patches shifted by half
 a patch, whose features are collaged (`visgen_jax.kernels.collage`) from the
 bottleneck once and from every skip connection as it is consumed, each at its
 own level. The decoder's positions are the midpoints of the four neighbours.
+`PatchUNet.encode` / `PatchUNet.decode` are the two halves (apply with
+`method=`), which `streaming_denoiser` runs band by band.
 """
 
 import types
@@ -23,6 +25,7 @@ from typing import Any
 
 import einops
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -93,31 +96,14 @@ class PatchUNet(nn.Module):
         attention_resolutions=self.attention_resolutions, num_res_blocks=self.num_res_blocks,
         num_heads=self.num_heads, num_heads_upsample=-1, resblock_updown=self.resblock_updown))
 
-  @nn.compact
-  def __call__(self, x, t, pos, code, pos_mask=None, *, decode: str = 'collage', train: bool = False):
-    b, p1, p2 = x.shape[:3]
-    if pos_mask is None:
-      pos_mask = jnp.ones((b, p1, p2), jnp.float32)
-    self._check_inputs(x, t, pos, code, pos_mask, decode)
-    layout = self.layout()
+  def setup(self):
+    self.spec = self.layout()
     half = self.embed_dim // 2
-    time_mlp = (dense(half, name='time_embed_0'), dense(half, name='time_embed_1'))
-    pos_mlp = (dense(half, name='pos_embed_0'), dense(half, name='pos_embed_1'))
-
-    def embed(pos, keep):
-      """[B, Q1, Q2, 2] positions → per-patch embeddings [B·Q1·Q2, embed_dim]."""
-      q = pos.shape[1] * pos.shape[2]
-      flat = pos.reshape(-1, 2).astype(jnp.float32)
-      sin = jnp.concatenate([timestep_embedding(flat[:, 0], self.pos_channels),
-                             timestep_embedding(flat[:, 1], self.pos_channels)], axis=-1)
-      sin = sin * keep.reshape(-1, 1).astype(jnp.float32)
-      pos_emb = pos_mlp[1](nn.silu(pos_mlp[0](sin)))
-      time_emb = time_mlp[1](nn.silu(time_mlp[0](timestep_embedding(t, self.model_channels))))
-      return jnp.concatenate([jnp.repeat(time_emb, q, axis=0), pos_emb], axis=-1)
-
-    code = jnp.asarray(code, jnp.float32)
+    self.time_mlp = (dense(half, name='time_embed_0'), dense(half, name='time_embed_1'))
+    self.pos_mlp = (dense(half, name='pos_embed_0'), dense(half, name='pos_embed_1'))
     res_cls = _RematResBlock if self.remat else ResBlock
     modules = {}
+    layout = self.spec
     for spec in [s for block in layout.input_blocks + layout.output_blocks for s in block] + list(layout.middle_block):
       if spec.kind == 'conv_in':
         modules[spec.name] = conv2d(spec.out_channels, 3, dtype=self.dtype, name=spec.name)
@@ -132,48 +118,78 @@ class PatchUNet(nn.Module):
         modules[spec.name] = Downsample(dtype=self.dtype, name=spec.name)
       else:
         modules[spec.name] = Upsample(dtype=self.dtype, name=spec.name)
+    self.blocks = modules
+    self.out_norm = GroupNorm32(name='out_norm')
+    self.out_conv = conv2d(self.out_channels, 3, zero_init=True, name='out_conv')
 
-    def run(block, h, emb, codes):
-      for spec in block:
-        if spec.kind == 'res':
-          h = modules[spec.name](h, emb, codes, train)
-        else:
-          h = modules[spec.name](h)
-      return h
-
-    # Encoder and middle block: every patch on its own.
-    enc_emb = embed(pos, pos_mask)
-    enc_code = jnp.repeat(code, p1 * p2, axis=0)
-    h = x.reshape(b * p1 * p2, *x.shape[3:]).astype(self.dtype)
-    skips = []
-    for block in layout.input_blocks:
-      h = run(block, h, enc_emb, enc_code)
-      skips.append(h)
-    h = run(layout.middle_block, h, enc_emb, enc_code)
-
-    out_norm = GroupNorm32(name='out_norm')
-    out_conv = conv2d(self.out_channels, 3, zero_init=True, name='out_conv')
-
-    def decoder(h, skips, emb, codes, shift):
-      skips = list(skips)
-      if shift:
-        h = collage(h, (p1, p2), b)
-      for block in layout.output_blocks:
-        skip = skips.pop()
-        if shift:
-          skip = collage(skip, (p1, p2), b)
-        h = run(block, jnp.concatenate([h, skip], axis=-1), emb, codes)
-      return out_conv(nn.silu(out_norm(h.astype(jnp.float32))))
-
+  def __call__(self, x, t, pos, code, pos_mask=None, *, decode: str = 'collage', train: bool = False):
+    b, p1, p2 = x.shape[:3]
+    if pos_mask is None:
+      pos_mask = jnp.ones((b, p1, p2), jnp.float32)
+    self._check_inputs(x, t, pos, code, pos_mask, decode)
+    features = self.encode(x, t, pos, code, pos_mask, train=train)
     outs = {}
     if decode in ('collage', 'both'):
-      mid_pos, mid_keep = midpoints(pos, pos_mask)
-      out = decoder(h, skips, embed(mid_pos, mid_keep), jnp.repeat(code, (p1 - 1) * (p2 - 1), axis=0), True)
-      outs['collage'] = out.reshape(b, p1 - 1, p2 - 1, *out.shape[1:])
+      outs['collage'] = self.decode(features, t, pos, code, pos_mask, shift=True, train=train)
     if decode in ('plain', 'both'):
-      out = decoder(h, skips, enc_emb, enc_code, False)
-      outs['plain'] = out.reshape(b, p1, p2, *out.shape[1:])
+      outs['plain'] = self.decode(features, t, pos, code, pos_mask, shift=False, train=train)
     return (outs['collage'], outs['plain']) if decode == 'both' else outs[decode]
+
+  def _embed(self, t, pos, keep):
+    """[B, Q1, Q2, 2] positions → per-patch embeddings [B·Q1·Q2, embed_dim]."""
+    q = pos.shape[1] * pos.shape[2]
+    flat = pos.reshape(-1, 2).astype(jnp.float32)
+    sin = jnp.concatenate([timestep_embedding(flat[:, 0], self.pos_channels),
+                           timestep_embedding(flat[:, 1], self.pos_channels)], axis=-1)
+    sin = sin * keep.reshape(-1, 1).astype(jnp.float32)
+    pos_emb = self.pos_mlp[1](nn.silu(self.pos_mlp[0](sin)))
+    time_emb = self.time_mlp[1](nn.silu(self.time_mlp[0](timestep_embedding(t, self.model_channels))))
+    return jnp.concatenate([jnp.repeat(time_emb, q, axis=0), pos_emb], axis=-1)
+
+  def _run(self, block, h, emb, codes, train):
+    for spec in block:
+      if spec.kind == 'res':
+        h = self.blocks[spec.name](h, emb, codes, train)
+      else:
+        h = self.blocks[spec.name](h)
+    return h
+
+  def encode(self, x, t, pos, code, pos_mask, *, train: bool = False):
+    """Encoder and middle block, every patch on its own: the bottleneck and
+    the skip connections, each [B, P1, P2, h, w, C] at its level."""
+    b, p1, p2 = x.shape[:3]
+    emb = self._embed(t, pos, pos_mask)
+    codes = jnp.repeat(jnp.asarray(code, jnp.float32), p1 * p2, axis=0)
+    h = x.reshape(b * p1 * p2, *x.shape[3:]).astype(self.dtype)
+    skips = []
+    for block in self.spec.input_blocks:
+      h = self._run(block, h, emb, codes, train)
+      skips.append(h)
+    h = self._run(self.spec.middle_block, h, emb, codes, train)
+    grid = lambda f: f.reshape(b, p1, p2, *f.shape[1:])
+    return grid(h), [grid(s) for s in skips]
+
+  def decode(self, features, t, pos, code, pos_mask, *, shift: bool, train: bool = False):
+    """Decoder of the encoder's `features` for the grid at `pos` / `pos_mask`:
+    shift=True collages every level (→ [B, P1-1, P2-1, p, p, C]), shift=False
+    decodes each patch on its own (→ [B, P1, P2, p, p, C])."""
+    h, skips = features
+    b, p1, p2 = h.shape[:3]
+    flat = lambda f: f.reshape(-1, *f.shape[3:])
+    h, skips = flat(h), [flat(s) for s in skips]
+    if shift:
+      pos, pos_mask = midpoints(pos, pos_mask)
+      h = collage(h, (p1, p2), b)
+    q1, q2 = pos.shape[1:3]
+    emb = self._embed(t, pos, pos_mask)
+    codes = jnp.repeat(jnp.asarray(code, jnp.float32), q1 * q2, axis=0)
+    for block in self.spec.output_blocks:
+      skip = skips.pop()
+      if shift:
+        skip = collage(skip, (p1, p2), b)
+      h = self._run(block, jnp.concatenate([h, skip], axis=-1), emb, codes, train)
+    out = self.out_conv(nn.silu(self.out_norm(h.astype(jnp.float32))))
+    return out.reshape(b, q1, q2, *out.shape[1:])
 
   def _check_inputs(self, x, t, pos, code, pos_mask, decode):
     p = self.patch_size
@@ -257,5 +273,58 @@ def collage_denoiser(unet: PatchUNet, params, pos, pos_mask):
     out = unet.apply({'params': params}, to_patches(padded, unet.patch_size), t,
                      jnp.broadcast_to(pos, (b, *pos.shape)), code, keep)
     return from_patches(out).astype(jnp.float32)
+
+  return denoise
+
+
+def check_band_rows(rows: int, band_rows: int) -> int:
+  """`rows` (output patch rows) if bands of `band_rows` tile them; else UserError."""
+  if band_rows < 1 or rows % band_rows:
+    raise UserError(f'sample.stream_rows={band_rows} must divide the {rows} patch rows of the image; '
+                    f'use a divisor of {rows} (1 keeps the least in memory).')
+  return rows
+
+
+def streaming_denoiser(unet: PatchUNet, params, pos, pos_mask, band_rows: int = 1):
+  """`collage_denoiser` computed in bands of `band_rows` output patch rows, so
+  one step's activations scale with the image width, not its area.
+
+  The encoder treats every patch on its own, so it runs band by band; the
+  decoder of output rows [r, r + R) collages encoder rows r … r + R, i.e. it
+  needs one row of the previous band. A `lax.scan` over bands carries exactly
+  that: the last encoded patch row's features at every level (bottleneck and
+  skips). Every patch is encoded once and decoded once, as all at once.
+  """
+  rows = check_band_rows(pos.shape[0] - 1, band_rows)
+  half = unet.patch_size // 2
+  pos = jnp.asarray(pos, jnp.float32)
+  pos_mask = jnp.asarray(pos_mask, jnp.float32)
+
+  def apply(method, *args, **kwargs):
+    return unet.apply({'params': params}, *args, method=method, **kwargs)
+
+  def denoise(x, t, code, use_pos):
+    b = x.shape[0]
+    padded = jnp.pad(x, ((0, 0), (half, half), (half, half), (0, 0)))
+    patches = to_patches(padded, unet.patch_size)
+    grid_pos = jnp.broadcast_to(pos, (b, *pos.shape))
+    keep = pos_mask[None] * jnp.asarray(use_pos, jnp.float32).reshape(b, 1, 1)
+    take = lambda a, start, n: jax.lax.dynamic_slice_in_dim(a, start, n, axis=1)
+
+    def encode(start, n):
+      return apply(PatchUNet.encode, take(patches, start, n), t, take(grid_pos, start, n), code,
+                   take(keep, start, n))
+
+    def band(carry, k):
+      start = 1 + k * band_rows
+      new = encode(start, band_rows)
+      features = jax.tree.map(lambda old, f: jnp.concatenate([old, f], axis=1), carry, new)
+      out = apply(PatchUNet.decode, features, t, take(grid_pos, start - 1, band_rows + 1), code,
+                  take(keep, start - 1, band_rows + 1), shift=True)
+      return jax.tree.map(lambda f: f[:, -1:], new), out
+
+    _, outs = jax.lax.scan(band, encode(0, 1), jnp.arange(rows // band_rows))
+    outs = jnp.moveaxis(outs, 0, 1).reshape(b, rows, *outs.shape[3:])
+    return from_patches(outs).astype(jnp.float32)
 
   return denoise

@@ -1,9 +1,10 @@
 """Patch-DM: a patch UNet with feature collage, trained on 2×2 patch windows,
 sampled at any size; --mode=outpaint / --mode=inpaint edit an input image.
 
-Parameters: {'unet': PatchUNet, 'codes': [num_codes, code_dim]} — the global
-semantic code of every training image (`batch['index']` picks it), trained
-jointly from a random N(0, 1) start (no CLIP weights are bundled).
+Parameters: {'unet': PatchUNet, 'codes': [num_codes, code_dim], 'latent':
+LatentMLP (with latent.enabled)} — the global semantic code of every training
+image (`batch['index']` picks it), trained jointly from a random N(0, 1) start
+(no CLIP weights are bundled), and the latent DPM that samples new codes.
 
 Training (the public code's recipe): the image is padded by half a patch with
 zeros; x_t is zero on the padding; a random 2×2 window of patches goes through
@@ -12,6 +13,18 @@ the encoder; the loss is the ε-MSE of the collaged centre patch plus the
 the whole window, as the public code does). Classifier-free dropout per image:
 the code with probability diffusion.code_drop, the position embedding with
 diffusion.pos_drop.
+
+Latent DPM (latent.*): ε-prediction with an L1 loss on a constant-β schedule
+(const0.008), over codes z-normalised by the table's per-dimension mean and
+std. The public code trains it in a second stage on the finished table; here
+it trains in the same steps on stop_gradient(codes) (latent.batch_size random
+rows each step, its loss added with weight latent.loss_weight), so one run and
+one checkpoint carry both and the UNet's gradients are untouched. `sample`
+draws codes with DDIM (latent.sample_steps) unless sample.code_index picks
+table rows.
+
+sample.stream_rows=R > 0 denoises each step in bands of R patch rows
+(`streaming_denoiser`): the same images, with memory that grows with the width.
 """
 
 import os
@@ -23,9 +36,11 @@ import numpy as np
 from PIL import Image
 
 from visgen_jax.data import folder, pipeline
-from visgen_jax.diffusion import editing, gaussian, samplers, schedules
+from visgen_jax.diffusion import editing, gaussian, losses, samplers, schedules
 from visgen_jax.errors import UserError
-from visgen_jax.models.patch_unet import PatchUNet, collage_denoiser, grid_positions, to_patches
+from visgen_jax.models.latent_mlp import LatentMLP
+from visgen_jax.models.patch_unet import (
+    PatchUNet, check_band_rows, collage_denoiser, grid_positions, streaming_denoiser, to_patches)
 from visgen_jax.systems import System
 from visgen_jax.systems.adm import sampler_setup
 from visgen_jax.train import logging as vlog
@@ -35,6 +50,43 @@ from visgen_jax.train.config import base_config
 def make_unet(model_config, compute_dtype='float32') -> PatchUNet:
   kwargs = {k: v for k, v in dict(model_config).items() if k != 'num_codes'}
   return PatchUNet(**kwargs, dtype=jnp.dtype(compute_dtype))
+
+
+def make_latent(config) -> LatentMLP:
+  c = config.latent
+  return LatentMLP(code_dim=config.model.code_dim, num_layers=c.num_layers, hidden=c.hidden,
+                   time_channels=c.time_channels, dropout=c.dropout)
+
+
+def code_stats(codes, znormalize: bool):
+  """Per-dimension (mean, std) that z-normalise the code table for the latent
+  DPM (constant, not trained through), or (0, 1)."""
+  if not znormalize:
+    return 0.0, 1.0
+  codes = jax.lax.stop_gradient(codes)
+  return codes.mean(axis=0), codes.std(axis=0, ddof=1)
+
+
+def latent_loss(latent: LatentMLP, schedule, latent_params, codes, key, *, batch_size: int,
+                loss_type: str = 'l1', znormalize: bool = True):
+  """Per-row loss [batch_size] of the latent DPM on random rows of the code
+  table; no gradient reaches the codes."""
+  rows_key, loss_key, dropout_key = jax.random.split(key, 3)
+  mean, std = code_stats(codes, znormalize)
+  picked = jax.lax.stop_gradient(codes[jax.random.randint(rows_key, (batch_size,), 0, codes.shape[0])])
+  model = lambda z_t, t: latent.apply({'params': latent_params}, z_t, t, train=True, rngs={'dropout': dropout_key})
+  return losses.diffusion_loss(schedule, model, (picked - mean) / std, loss_key, loss_type=loss_type)[0]
+
+
+def sample_codes(latent: LatentMLP, schedule, latent_params, codes, key, n: int, *, znormalize: bool = True):
+  """n new codes [n, code_dim] by DDIM (η = 0, no clipping) on `schedule`
+  (respaced), mapped back to the table's scale."""
+  noise_key, key = jax.random.split(key)
+  mean, std = code_stats(codes, znormalize)
+  denoise = lambda z, t: latent.apply({'params': latent_params}, z, t)
+  z = samplers.ddim(key, denoise, schedule, jax.random.normal(noise_key, (n, latent.code_dim)),
+                    clip_denoised=False)
+  return z * std + mean
 
 
 def patch_grid(hw, patch: int, key: str):
@@ -111,9 +163,31 @@ def make(config) -> System:
                     f'rows (0 … {rows - 1}).')
   if picked and len(picked) != config.sample.num:
     raise UserError(f'config.sample.code_index lists {len(picked)} codes for sample.num='
-                    f'{config.sample.num} images; give one per image, or none for random rows.')
+                    f'{config.sample.num} images; give one per image, or none to draw codes (by the '
+                    'latent DPM, or random rows without it).')
   pos, pos_mask = grid_positions(sample_grid, train_grid, config.sample.positions,
                                  unconditional_positions=config.diffusion.pos_drop > 0)
+  stream = config.sample.stream_rows
+  if stream < 0:
+    raise UserError(f'config.sample.stream_rows={stream} must be 0 (all patch rows at once) or a band '
+                    'height in patch rows.')
+  if stream:
+    check_band_rows(sample_grid[0], stream)
+  lat = config.latent
+  if lat.enabled:
+    if lat.loss_type not in losses.LOSS_TYPES:
+      raise UserError(f'config.latent.loss_type={lat.loss_type!r} is unknown; allowed: '
+                      f'{", ".join(losses.LOSS_TYPES)}.')
+    if not 0 < lat.sample_steps <= lat.num_timesteps:
+      raise UserError(f'config.latent.sample_steps={lat.sample_steps} must be in [1, {lat.num_timesteps}].')
+    if lat.batch_size < 1:
+      raise UserError(f'config.latent.batch_size={lat.batch_size} must be at least 1.')
+    if lat.znormalize and rows < 2:
+      raise UserError(f'config.latent.znormalize needs at least 2 codes to estimate their spread; the '
+                      f'table has {rows}. Set latent.znormalize=false or add training images.')
+    latent = make_latent(config)
+    latent_base = schedules.make_schedule(lat.noise_schedule, lat.num_timesteps)
+    latent_sample_schedule = schedules.respace(latent_base, f'ddim{lat.sample_steps}')
 
   unet = make_unet(m, config.compute_dtype)
   base = schedules.make_schedule(config.diffusion.noise_schedule, config.diffusion.num_timesteps)
@@ -121,17 +195,20 @@ def make(config) -> System:
   half = patch // 2
 
   def init(key, batch):
-    unet_key, code_key = jax.random.split(key)
+    unet_key, code_key, latent_key = jax.random.split(key, 3)
     b = batch['image'].shape[0]
     window = jnp.zeros((b, 2, 2, patch, patch, m.in_channels))
     params = unet.init(unet_key, window, jnp.zeros((b,), jnp.int32), jnp.zeros((b, 2, 2, 2)),
                        jnp.zeros((b, m.code_dim)), decode='both')['params']
-    return {'unet': params, 'codes': jax.random.normal(code_key, (rows, m.code_dim))}
+    params = {'unet': params, 'codes': jax.random.normal(code_key, (rows, m.code_dim))}
+    if lat.enabled:
+      params['latent'] = latent.init(latent_key, jnp.zeros((1, m.code_dim)), jnp.zeros((1,), jnp.int32))['params']
+    return params
 
   def loss_fn(params, batch, key):
     x0 = batch['image']
     b, h, w, c = x0.shape
-    t_key, noise_key, i_key, j_key, drop_key, dropout_key = jax.random.split(key, 6)
+    t_key, noise_key, i_key, j_key, drop_key, dropout_key, latent_key = jax.random.split(key, 7)
     pad = ((0, 0), (half, half), (half, half), (0, 0))
     padded = jnp.pad(x0, pad)
     inside = jnp.pad(jnp.ones((b, h, w, 1), x0.dtype), pad)
@@ -157,13 +234,23 @@ def make(config) -> System:
                                 keep_pos, decode='both', train=True, rngs={'dropout': dropout_key})
 
     mse_collage, mse_plain = window_losses(shifted, plain, noise_win, inside_win)
-    loss = mse_collage + mse_plain
-    return loss.mean(), {'mse_collage': mse_collage.mean(), 'mse_plain': mse_plain.mean()}
+    loss = (mse_collage + mse_plain).mean()
+    metrics = {'mse_collage': mse_collage.mean(), 'mse_plain': mse_plain.mean()}
+    if lat.enabled:
+      metrics[f'latent_{lat.loss_type}'] = latent_loss(
+          latent, latent_base, params['latent'], params['codes'], latent_key, batch_size=lat.batch_size,
+          loss_type=lat.loss_type, znormalize=lat.znormalize).mean()
+      loss = loss + lat.loss_weight * metrics[f'latent_{lat.loss_type}']
+    return loss, metrics
 
   def codes_for(params, key, n):
+    """The picked table rows; else codes drawn by the latent DPM; else random rows."""
     if picked:
       return params['codes'][jnp.asarray(picked)]
-    return params['codes'][jax.random.randint(key, (n,), 0, rows)]
+    if not lat.enabled:
+      return params['codes'][jax.random.randint(key, (n,), 0, rows)]
+    return sample_codes(latent, latent_sample_schedule, params['latent'], params['codes'], key, n,
+                        znormalize=lat.znormalize)
 
   def run_sampler(params, key, x_T, **extra):
     code_key, sample_key = jax.random.split(key)
@@ -172,8 +259,11 @@ def make(config) -> System:
     if guidance:
       options.update(cfg_weight=guidance, uncond={'code': 0.0, 'use_pos': 0.0})
     cond = {'code': codes_for(params, code_key, n), 'use_pos': jnp.ones((n,))}
-    return samplers.sample(config.sampler.name, sample_key, collage_denoiser(unet, params['unet'], pos, pos_mask),
-                           sample_schedule, x_T, cond=cond, **options)
+    if stream:
+      denoise = streaming_denoiser(unet, params['unet'], pos, pos_mask, stream)
+    else:
+      denoise = collage_denoiser(unet, params['unet'], pos, pos_mask)
+    return samplers.sample(config.sampler.name, sample_key, denoise, sample_schedule, x_T, cond=cond, **options)
 
   @jax.jit
   def sample(params, key):
@@ -261,7 +351,14 @@ def default_config(resolution, sample_num: int = 4):
   c.sample.num = sample_num
   c.sample.size = tuple(resolution)
   c.sample.positions = 'interpolate'  # or 'extend': beyond the trained grid, no position there
-  c.sample.code_index = ()  # rows of the code table, one per image; () = random rows
+  c.sample.code_index = ()  # rows of the code table, one per image; () = drawn by the latent DPM
+  c.sample.stream_rows = 0  # > 0: denoise in bands of this many patch rows (memory ~ width)
+  # The latent DPM over the codes (public code: Diff-AE's MLPSkipNet, L1, const0.008, eps).
+  c.latent = ml_collections.ConfigDict(dict(
+      enabled=True, num_layers=10, hidden=2048, time_channels=64, dropout=0.0,
+      noise_schedule='const0.008', num_timesteps=1000, loss_type='l1',
+      batch_size=512, loss_weight=1.0, sample_steps=50,
+      znormalize=True))  # codes → (codes - mean) / std per dimension, over the table
   c.edit = ml_collections.ConfigDict(dict(input='', mask='', jump_length=1, resamples=1))
   return c
 
@@ -278,6 +375,7 @@ def tiny(c, resolution=(32, 64)):
   c.model.update(patch_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                  attention_resolutions=(8,), embed_dim=64, pos_channels=16, code_dim=32)
   c.sampler.steps = 5
+  c.latent.update(num_layers=3, hidden=64, batch_size=16, sample_steps=5)
   c.sample.num = 2
   c.sample.size = tuple(resolution)
   return c
