@@ -125,12 +125,11 @@ def test_streaming_step_equals_the_all_at_once_step(unet_and_params):
 
 def test_latent_mlp_feeds_its_input_to_every_layer_and_depends_on_time():
   mlp = LatentMLP(code_dim=4, num_layers=4, hidden=16)
-  params = mlp.init(jax.random.key(0), jnp.zeros((1, 4)), jnp.zeros((1,), jnp.int32))['params']
+  params = jax.jit(mlp.init)(jax.random.key(0), jnp.zeros((1, 4)), jnp.zeros((1,), jnp.int32))['params']
   assert [params[f'layer_{k}']['kernel'].shape for k in range(4)] == [(4, 16), (20, 16), (20, 16), (20, 4)]
   assert 'layer_3_time' not in params and 'layer_3_norm' not in params  # the output layer is plain
-  z = jnp.ones((1, 4))
-  out = [mlp.apply({'params': params}, z, jnp.array([t])) for t in (0, 500)]
-  assert out[0].shape == (1, 4) and float(jnp.abs(out[0] - out[1]).max()) > 1e-3
+  out = jax.jit(mlp.apply)({'params': params}, jnp.ones((2, 4)), jnp.array([0, 500]))
+  assert out.shape == (2, 4) and float(jnp.abs(out[0] - out[1]).max()) > 1e-3
 
 
 def test_latent_dpm_learns_a_code_table_and_samples_codes_like_it():
@@ -140,8 +139,10 @@ def test_latent_dpm_learns_a_code_table_and_samples_codes_like_it():
                       + 0.02 * np.random.default_rng(5).normal(size=(64, 3)), jnp.float32)
   mlp = LatentMLP(code_dim=3, num_layers=4, hidden=64)
   base = schedules.make_schedule('const0.008', 1000)
-  params = mlp.init(jax.random.key(0), jnp.zeros((1, 3)), jnp.zeros((1,), jnp.int32))['params']
+  params = jax.jit(mlp.init)(jax.random.key(0), jnp.zeros((1, 3)), jnp.zeros((1,), jnp.int32))['params']
   opt = optax.adam(2e-3)
+  draw = jax.jit(lambda p: patchdm.sample_codes(mlp, schedules.respace(base, 'ddim50'), p, table,
+                                                jax.random.key(2), 256))
 
   @jax.jit
   def train(params, key):
@@ -154,9 +155,7 @@ def test_latent_dpm_learns_a_code_table_and_samples_codes_like_it():
     return jax.lax.scan(step, (params, opt.init(params)), jax.random.split(key, 800))
 
   def distance_to_nearest_centre(params):
-    codes = jax.jit(lambda p: patchdm.sample_codes(mlp, schedules.respace(base, 'ddim50'), p, table,
-                                                   jax.random.key(2), 256))(params)
-    d = np.linalg.norm(np.asarray(codes)[:, None] - centres[None], axis=-1)
+    d = np.linalg.norm(np.asarray(draw(params))[:, None] - centres[None], axis=-1)
     return d.min(axis=1), np.bincount(d.argmin(axis=1), minlength=2)
 
   untrained, _ = distance_to_nearest_centre(params)
