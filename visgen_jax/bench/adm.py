@@ -55,7 +55,7 @@ def _torch_setup(config):
   return torch, model, diffusion, ddim
 
 
-def train_images_per_s(config, torch, model, diffusion, repeats=5):
+def train_images_per_s(config, torch, model, diffusion, repeats=3):
   s = trainer.setup(config)
   step = trainer.make_train_step(s)
   init = jax.jit(lambda k, b: trainer._init_state(s.system, s.tx, k, b), out_shardings=s.state_shardings)
@@ -81,7 +81,7 @@ def train_images_per_s(config, torch, model, diffusion, repeats=5):
   return BATCH / best_time(ours, repeats), BATCH / best_time(theirs, repeats)
 
 
-def ddim50_images_per_s(config, torch, model, ddim, repeats=2):
+def ddim50_images_per_s(config, torch, model, ddim, repeats=1):
   unet = make_unet(config.model)
   params = convert_unet_state_dict({k: v.numpy() for k, v in model.state_dict().items()}, unet)
   schedule = schedules.respace(schedules.make_schedule(config.diffusion.noise_schedule,
