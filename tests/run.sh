@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/setup.sh --tests
-python -m pytest -n 2 -q tests "$@"
+python -m pytest -n 2 -q --durations=15 tests "$@"
