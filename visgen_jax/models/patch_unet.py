@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from visgen_jax.errors import UserError
-from visgen_jax.kernels.collage import collage
+from visgen_jax.kernels import collage_pallas
 from visgen_jax.models.adm_unet import adm_layout
 from visgen_jax.nn.layers import (
     AttentionBlock, Downsample, GroupNorm32, ResBlock, Upsample, conv2d, dense, timestep_embedding)
@@ -89,6 +89,7 @@ class PatchUNet(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attn_impl: str = 'xla'
+  collage_impl: str = 'xla'  # 'pallas': the fused-gather kernel (collage_pallas)
 
   def layout(self):
     return adm_layout(types.SimpleNamespace(
@@ -98,6 +99,7 @@ class PatchUNet(nn.Module):
 
   def setup(self):
     self.spec = self.layout()
+    self.collage = collage_pallas.select(self.collage_impl)
     half = self.embed_dim // 2
     self.time_mlp = (dense(half, name='time_embed_0'), dense(half, name='time_embed_1'))
     self.pos_mlp = (dense(half, name='pos_embed_0'), dense(half, name='pos_embed_1'))
@@ -179,14 +181,14 @@ class PatchUNet(nn.Module):
     h, skips = flat(h), [flat(s) for s in skips]
     if shift:
       pos, pos_mask = midpoints(pos, pos_mask)
-      h = collage(h, (p1, p2), b)
+      h = self.collage(h, (p1, p2), b)
     q1, q2 = pos.shape[1:3]
     emb = self._embed(t, pos, pos_mask)
     codes = jnp.repeat(jnp.asarray(code, jnp.float32), q1 * q2, axis=0)
     for block in self.spec.output_blocks:
       skip = skips.pop()
       if shift:
-        skip = collage(skip, (p1, p2), b)
+        skip = self.collage(skip, (p1, p2), b)
       h = self._run(block, jnp.concatenate([h, skip], axis=-1), emb, codes, train)
     out = self.out_conv(nn.silu(self.out_norm(h.astype(jnp.float32))))
     return out.reshape(b, q1, q2, *out.shape[1:])

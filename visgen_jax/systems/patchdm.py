@@ -343,7 +343,7 @@ def default_config(resolution, sample_num: int = 4):
       attention_resolutions=(16,), dropout=0.1, channel_mult=(1, 2, 4, 8), num_heads=1,
       num_head_channels=-1, resblock_updown=True, embed_dim=512, pos_channels=64, code_dim=512,
       num_codes=0,  # rows of the code table; 0 = the number of training images
-      remat=False, attn_impl='xla'))
+      remat=False, attn_impl='xla', collage_impl='xla'))
   c.diffusion = ml_collections.ConfigDict(dict(
       noise_schedule='linear', num_timesteps=1000, learn_sigma=False,
       code_drop=0.1, pos_drop=0.5))  # classifier-free dropout of the code / the position
