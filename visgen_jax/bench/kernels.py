@@ -10,6 +10,15 @@ MaskCLIP's masked attention (visgen_jax.kernels.masked_attention):
     bytes it saves, counted from the kernel's real block schedule;
 (d) whether the kernel lowers for TPU (Mosaic) and for CUDA (Triton / Mosaic GPU);
 (e) on a GPU or TPU: kernel vs XLA reference time, forward and backward.
+
+Patch-DM's feature collage (visgen_jax.kernels.collage_pallas), per decoder
+level of the paper's 64-pixel patches (64²×64, 32²×128, 16²×256, 8²×512) on
+the padded grid of a 1024×512 image (17×9 patches, batch 1):
+(a) max |kernel − reference| of the output and of the gradient (a copy: 0);
+(b) the jitted XLA reference's time here, forward and forward+backward, and
+    the bytes a copy must move (read + write of the output);
+(c) whether the kernel (forward and gradient) lowers for TPU and CUDA;
+(d) on a GPU or TPU: kernel vs XLA reference time, forward and backward.
 """
 
 import functools
@@ -20,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from visgen_jax.bench.common import best_time
+from visgen_jax.kernels import collage as collage_ref
+from visgen_jax.kernels import collage_pallas
 from visgen_jax.kernels import masked_attention as ma
 
 HEADS, HEAD_DIM, MASKS = 16, 64, 100  # ViT-L/14 and MaskCLIP's 100 mask tokens
@@ -218,6 +229,103 @@ def accelerator_time():
   return out
 
 
+# Patch-DM: 64-pixel patches, (h, C) per decoder level, on the half-patch-padded
+# grid of a 1024×512 image.
+COLLAGE_LEVELS = ((64, 64), (32, 128), (16, 256), (8, 512))
+COLLAGE_GRID = (1024 // 64 + 1, 512 // 64 + 1)
+COLLAGE_LANES_MOSAIC_GPU = 256  # Mosaic GPU copies at most 256 elements per dim
+
+
+def _collage_fns(grid, batch=1, **kw):
+  fns = {'kernel': functools.partial(collage_pallas.collage, grid=grid, batch=batch, **kw),
+         'xla': functools.partial(collage_ref.collage, grid=grid, batch=batch)}
+  grads = {name: jax.grad(lambda f, fn=fn: jnp.sum(fn(f).astype(jnp.float32) ** 2) / 2)
+           for name, fn in fns.items()}
+  return fns, grads
+
+
+def collage_correctness():
+  """(a) residuals in interpret mode: one small grid per level, and one band."""
+  out = {}
+  for h, c in COLLAGE_LEVELS:
+    grid = (3, 4)
+    f = jax.random.normal(jax.random.key(h), (2 * grid[0] * grid[1], h, h, c))
+    fns, grads = _collage_fns(grid, batch=2)
+    out[f'{h}x{h}x{c}_forward'] = float(jnp.abs(jax.jit(fns['kernel'])(f) - fns['xla'](f)).max())
+    out[f'{h}x{h}x{c}_grad'] = float(jnp.abs(jax.jit(grads['kernel'])(f) - grads['xla'](f)).max())
+  f = jax.random.normal(jax.random.key(0), (5 * 3, 8, 8, 16))
+  band = functools.partial(collage_pallas.collage_band, grid=(5, 3), batch=1, start=1, rows=2)
+  out['band_forward'] = float(jnp.abs(
+      jax.jit(band)(f) - collage_ref.collage_band(f, (5, 3), 1, start=1, rows=2)).max())
+  return out
+
+
+def collage_reference_time():
+  """(b) the jitted XLA reference here, per level, 1024×512 image, float32."""
+  out = {'grid': list(COLLAGE_GRID)}
+  for h, c in COLLAGE_LEVELS:
+    f = jax.random.normal(jax.random.key(0), (COLLAGE_GRID[0] * COLLAGE_GRID[1], h, h, c))
+    fns, grads = _collage_fns(COLLAGE_GRID)
+    fwd, grad = jax.jit(fns['xla']), jax.jit(grads['xla'])
+    out_bytes = (COLLAGE_GRID[0] - 1) * (COLLAGE_GRID[1] - 1) * h * h * c * 4
+    out[f'{h}x{h}x{c}'] = {
+        'forward_s': best_time(lambda: fwd(f).block_until_ready()),
+        'forward_backward_s': best_time(lambda: grad(f).block_until_ready()),
+        'copy_bytes_forward': 2 * out_bytes,
+    }
+  return out
+
+
+def collage_lowering():
+  """(c) export the kernel (forward and gradient) for TPU and CUDA, bf16, every level."""
+  from jax.experimental.pallas import triton as pltriton
+  triton_call = jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')
+  cases = {
+      'tpu_mosaic': (['tpu'], {}, (), 'tpu_custom_call'),
+      'cuda_triton': (['cuda'], dict(compiler_params=pltriton.CompilerParams(num_warps=4)),
+                      (triton_call,), 'triton'),
+      'cuda_mosaic_gpu': (['cuda'], dict(block_lanes=COLLAGE_LANES_MOSAIC_GPU), (), 'mosaic_gpu'),
+  }
+  out = {}
+  for name, (platforms, kw, disabled, marker) in cases.items():
+    results = []
+    for h, c in COLLAGE_LEVELS:
+      f = jax.ShapeDtypeStruct((COLLAGE_GRID[0] * COLLAGE_GRID[1], h, h, c), jnp.bfloat16)
+      fns, grads = _collage_fns(COLLAGE_GRID, interpret=False, **kw)
+      for what, fn in (('forward', fns['kernel']), ('grad', grads['kernel'])):
+        try:
+          text = jax.export.export(jax.jit(fn), platforms=platforms, disabled_checks=disabled)(f).mlir_module()
+          if marker not in text:
+            results.append(f'{h}x{h}x{c} {what}: lowered without a {marker} call')
+        except Exception as e:  # pylint: disable=broad-except
+          results.append(f'{h}x{h}x{c} {what}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}')
+    out[name] = results or 'lowered (forward and grad, every level)'
+  out['cuda_mosaic_gpu_block_lanes'] = COLLAGE_LANES_MOSAIC_GPU
+  return out
+
+
+def collage_accelerator_time():
+  """(d) kernel vs XLA reference on the default backend, when it is a GPU or TPU."""
+  backend = jax.default_backend()
+  if backend not in ('gpu', 'tpu'):
+    return {'skipped': f'no GPU or TPU (backend {backend}); Pallas runs only in interpret mode here'}
+  kw = {}
+  if backend == 'gpu':
+    from jax.experimental.pallas import triton as pltriton
+    kw = dict(compiler_params=pltriton.CompilerParams(num_warps=4))
+  out = {'backend': backend, 'device': jax.devices()[0].device_kind}
+  for h, c in COLLAGE_LEVELS:
+    f = jax.random.normal(jax.random.key(0), (8 * COLLAGE_GRID[0] * COLLAGE_GRID[1], h, h, c), jnp.bfloat16)
+    fns, grads = _collage_fns(COLLAGE_GRID, batch=8, **kw)
+    row = {}
+    for name in ('kernel', 'xla'):
+      fwd, grad = jax.jit(fns[name]), jax.jit(grads[name])
+      row[f'{name}_forward_s'] = best_time(lambda: fwd(f).block_until_ready())
+      row[f'{name}_forward_backward_s'] = best_time(lambda: grad(f).block_until_ready())
+    out[f'{h}x{h}x{c}_batch8_bf16'] = row
+  return out
+
+
 def run():
   return {
       'masked_attention': {
@@ -226,5 +334,11 @@ def run():
           'block_schedule_coco_like': schedule_stats(),
           'lowering': lowering(),
           'accelerator': accelerator_time(),
+      },
+      'collage': {
+          'residuals': collage_correctness(),
+          'reference_time_here': collage_reference_time(),
+          'lowering': collage_lowering(),
+          'accelerator': collage_accelerator_time(),
       },
   }
