@@ -32,7 +32,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
 from visgen_jax.errors import UserError
