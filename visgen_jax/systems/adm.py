@@ -10,11 +10,8 @@ from visgen_jax.systems import System
 
 
 def make_unet(model_config, compute_dtype='float32') -> ADMUNet:
-  """ADMUNet from a config group; 0 means 'off' for num_classes and code_dim."""
-  kwargs = dict(model_config)
-  kwargs['num_classes'] = kwargs['num_classes'] or None
-  kwargs['code_dim'] = kwargs['code_dim'] or None
-  return ADMUNet(**kwargs, dtype=jnp.dtype(compute_dtype))
+  """ADMUNet from a config group (0 means 'off' for num_classes and code_dim)."""
+  return ADMUNet(**model_config, dtype=jnp.dtype(compute_dtype))
 
 
 def sampler_setup(config, base_schedule):
