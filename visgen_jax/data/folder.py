@@ -36,7 +36,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -119,10 +119,12 @@ def list_images(src_dir: str) -> tuple[list[str], int]:
   return sorted(p.replace(os.sep, '/') for p in found), other
 
 
-def load_rgb(path: str, draft_hw: tuple[int, int] | None = None
-             ) -> tuple[Image.Image, str]:
-  """Decodes an image fully as RGB; returns it and its original mode.
+def load_rgb(path, draft_hw: tuple[int, int] | None = None,
+             exif_transpose: bool = True) -> tuple[Image.Image, str]:
+  """Decodes an image (a path or a file object) fully as RGB.
 
+  Returns it and its original mode. `exif_transpose=False` keeps the stored
+  pixel order, which annotation maps made for the file are aligned with.
   Raises whatever Pillow raises for a corrupt or truncated file.
   """
   with Image.open(path) as img:
@@ -133,7 +135,8 @@ def load_rgb(path: str, draft_hw: tuple[int, int] | None = None
       side = max(draft_hw)
       img.draft(None, (side, side))
     img.load()
-    img = ImageOps.exif_transpose(img)
+    if exif_transpose:
+      img = ImageOps.exif_transpose(img)
   if img.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I'):
     # 16-bit grayscale: convert('RGB') would clip instead of rescaling.
     gray = np.asarray(img, dtype=np.float64) / 257.0
@@ -181,18 +184,28 @@ def _prepare(src_dir: str, name: str, hw: tuple[int, int], crop: str,
     return name, None, f'{type(e).__name__}: {e}'
 
 
-def _prepared(src_dir, names, hw, crop, seed) -> Iterator[tuple]:
-  """`_prepare` over `names` in order, decoding a bounded window in threads."""
+def map_in_order(fn: Callable, items: Iterable) -> Iterator:
+  """`fn(item)` for each item in order, a bounded window of them in threads.
+
+  Decoding (Pillow, zlib) releases the GIL, so threads overlap it; the window
+  keeps memory bounded however long `items` is.
+  """
   workers = max(1, min(8, os.cpu_count() or 1))
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     window = collections.deque()
-    for ordinal, name in enumerate(names):
-      window.append(pool.submit(_prepare, src_dir, name, hw, crop, seed,
-                                ordinal))
+    for item in items:
+      window.append(pool.submit(fn, item))
       if len(window) > 2 * workers:
         yield window.popleft().result()
     while window:
       yield window.popleft().result()
+
+
+def _prepared(src_dir, names, hw, crop, seed) -> Iterator[tuple]:
+  """`_prepare` over `names` in order."""
+  return map_in_order(
+      lambda item: _prepare(src_dir, item[1], hw, crop, seed, item[0]),
+      enumerate(names))
 
 
 def _make_builder_class():
@@ -288,6 +301,61 @@ def _quiet_tfds():
     tqdm_utils.display_progress_bar(was_active)
 
 
+def check_new_out_dir(out_dir: str) -> None:
+  """A dataset may only be written to a new or empty directory."""
+  if os.path.exists(out_dir) and not (os.path.isdir(out_dir)
+                                      and not os.listdir(out_dir)):
+    raise UserError(f'out: {out_dir!r} already exists; pick a new directory '
+                    'or delete it.')
+
+
+def write_dataset(out_dir: str, make_builder: Callable, files: Callable, *,
+                  exist_ok: bool = False) -> bool:
+  """Runs a TFDS builder and renames its finished output to `out_dir`.
+
+  Args:
+    out_dir: absolute path of the new dataset (absent or an empty directory).
+    make_builder: data_dir -> a `GeneratorBasedBuilder` writing there.
+    files: () -> {file name: JSON-able}, called after the records are
+      written (so it can report on them); each is saved beside them.
+    exist_ok: another process finishing `out_dir` first is not an error.
+
+  Returns:
+    True if this call wrote `out_dir`; False if, with `exist_ok`, another
+    process's finished copy was already there.
+
+  Everything is written into a hidden temporary directory beside `out_dir`
+  that is removed whatever happens, so `out_dir` is either absent/empty or a
+  complete dataset.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.incomplete-',
+                         dir=parent)
+  try:
+    builder = make_builder(os.path.join(tmp, 'data'))
+    with _quiet_tfds():
+      builder.download_and_prepare(
+          download_dir=os.path.join(tmp, 'downloads'),
+          download_config=tfds.download.DownloadConfig(
+              try_download_gcs=False,
+              compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    built = builder.data_dir
+    for name, content in files().items():
+      with open(os.path.join(built, name), 'w') as f:
+        json.dump(content, f, indent=1)
+    try:
+      os.rename(built, out_dir)
+    except OSError:
+      if not (exist_ok and is_dataset_dir(out_dir)):
+        raise
+      return False
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return True
+
+
 def build_image_dataset(src_dir: str, out_dir: str, resolution,
                         crop: str = 'center', seed: int = 0, *,
                         exist_ok: bool = False) -> BuildReport:
@@ -315,46 +383,24 @@ def build_image_dataset(src_dir: str, out_dir: str, resolution,
     return _reused(report)
   if not os.path.isdir(src_dir):
     raise UserError(f'src: {src_dir!r} is not a directory.')
-  if os.path.exists(out_dir) and not (os.path.isdir(out_dir)
-                                      and not os.listdir(out_dir)):
-    raise UserError(f'out: {out_dir!r} already exists; pick a new directory '
-                    'or delete it.')
+  check_new_out_dir(out_dir)
   names, report.ignored_files = list_images(src_dir)
   if not names:
     raise UserError(f'src: no {"/".join(e[1:] for e in IMAGE_EXTENSIONS)} '
                     f'files in {src_dir!r}.')
-
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.incomplete-',
-                         dir=parent)
-  try:
-    builder = _make_builder_class()(
-        src_dir=src_dir, names=names, hw=hw, crop=crop, seed=seed,
-        report=report, data_dir=os.path.join(tmp, 'data'),
-        file_format='array_record')
-    with _quiet_tfds():
-      builder.download_and_prepare(
-          download_dir=os.path.join(tmp, 'downloads'),
-          download_config=tfds.download.DownloadConfig(
-              try_download_gcs=False,
-              compute_stats=tfds.download.ComputeStatsMode.SKIP))
-    built = builder.data_dir
-    with open(os.path.join(built, REPORT_FILE), 'w') as f:
-      json.dump({'src_dir': src_dir, 'resolution': list(hw), 'crop': crop,
-                 'seed': seed, 'num_examples': report.num_examples,
-                 'skipped': report.skipped, 'converted': report.converted},
-                f, indent=1)
-    try:
-      # Atomic: `out_dir` is either absent/empty or a complete dataset.
-      os.rename(built, out_dir)
-    except OSError:
-      if not (exist_ok and is_dataset_dir(out_dir)):
-        raise
-      _reused(report)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  builder_class = _make_builder_class()
+  written = write_dataset(
+      out_dir,
+      lambda data_dir: builder_class(
+          src_dir=src_dir, names=names, hw=hw, crop=crop, seed=seed,
+          report=report, data_dir=data_dir, file_format='array_record'),
+      lambda: {REPORT_FILE: {
+          'src_dir': src_dir, 'resolution': list(hw), 'crop': crop,
+          'seed': seed, 'num_examples': report.num_examples,
+          'skipped': report.skipped, 'converted': report.converted}},
+      exist_ok=exist_ok)
+  if not written:
+    _reused(report)
   return report
 
 

@@ -194,7 +194,12 @@ def _crop_for(data_config, info, *, random: bool) -> _Crop:
   return _Crop(hw, random)
 
 
-def _iter_dataset(ds: grain.MapDataset, data_config) -> grain.IterDataset:
+def _iter_dataset(ds: grain.MapDataset, data_config,
+                  finish=_to_float) -> grain.IterDataset:
+  """Reads `ds` in threads or worker processes; `finish` maps each batch.
+
+  `finish` runs in the main process; segmentation.py passes its own.
+  """
   prefetch = int(data_config.get('prefetch', 2))
   workers = int(data_config.get('worker_count', 0))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=min(prefetch, 16),
@@ -206,7 +211,7 @@ def _iter_dataset(ds: grain.MapDataset, data_config) -> grain.IterDataset:
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  return ds.map(_to_float)
+  return ds.map(finish)
 
 
 def _seed32(*entropy: int) -> int:
