@@ -3,6 +3,9 @@
   python -m visgen_jax.convert --kind=guided_diffusion --input=ffhq.pt --output=DIR \\
       [--config=configs/adm_ffhq256.py[:variant] [--config.model.key=value ...] | --image_size=256]
 
+  python -m visgen_jax.convert --kind=clip --input=ViT-L-14-336px.pt --output=DIR \\
+      [--preset=ViT-L-14-336-quickgelu] [--act=quick_gelu|gelu]
+
 With --config, the UNet is built from `config.model` (ADMUNet fields). Without
 it, the architecture is inferred from the checkpoint's shapes and --image_size;
 attention heads and dropout are not stored in weights, so pass the config when
@@ -10,6 +13,13 @@ you later build the model. DIR (which must not exist) is written atomically by
 Orbax's StandardCheckpointer; restore it with
 `ocp.StandardCheckpointer().restore(DIR)`. The model fields used are printed as
 JSON on the last line of stdout. Mistakes end with one sentence and exit code 2.
+
+--kind=clip reads an OpenAI CLIP or open_clip checkpoint (.pt, .bin, .safetensors,
+or OpenAI's TorchScript archive) into `CLIP` params {'visual', 'text',
+'logit_scale'}. Without --preset the architecture is read off the weights
+(heads = width // 64); the activation is not stored in weights, so --act is needed
+unless the file is one of OpenAI's archives (QuickGELU). The config used is
+printed as JSON; build the model with `visgen_jax.models.clip.clip_model(config)`.
 """
 
 import json
@@ -20,7 +30,7 @@ from absl import flags
 from visgen_jax import cli
 from visgen_jax.errors import UserError
 
-KINDS = ('guided_diffusion',)
+KINDS = ('guided_diffusion', 'clip')
 
 flags.DEFINE_enum('kind', 'guided_diffusion', KINDS, 'Checkpoint format of --input.')
 flags.DEFINE_string('input', None, 'PyTorch state dict file (.pt) to convert.')
@@ -29,6 +39,10 @@ flags.DEFINE_string('config', None, 'configs/<experiment>.py[:variant] whose `mo
                     'fields; override keys with --config.key=value.')
 flags.DEFINE_integer('image_size', None, 'Image size in pixels, to place attention layers when the '
                      'architecture is inferred (no --config).')
+flags.DEFINE_string('preset', None, 'With --kind=clip: a visgen_jax.models.clip.CLIP_PRESETS name; '
+                    'default: inferred from the checkpoint.')
+flags.DEFINE_enum('act', None, ('gelu', 'quick_gelu'), 'With --kind=clip: the activation the weights '
+                  'were trained with (QuickGELU for OpenAI weights).')
 FLAGS = flags.FLAGS
 
 _overrides = []
@@ -57,6 +71,13 @@ def _model_kwargs(state_dict) -> dict:
   return guided_diffusion.infer_unet_config(state_dict, FLAGS.image_size)
 
 
+def _save(output, params):
+  import orbax.checkpoint as ocp
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(output, params)
+  checkpointer.wait_until_finished()
+
+
 def run(argv):
   del argv
   if not FLAGS.input or not FLAGS.output:
@@ -65,15 +86,25 @@ def run(argv):
   if os.path.exists(output):
     raise UserError(f'--output={FLAGS.output} already exists; choose a new directory.')
 
-  import orbax.checkpoint as ocp
+  clip_only = [f'--{name}' for name in ('preset', 'act') if FLAGS[name].value is not None]
+  other_only = [f'--{name}' for name in ('config', 'image_size') if FLAGS[name].value is not None]
+  if FLAGS.kind == 'clip':
+    if other_only or _overrides:
+      raise UserError(f'{", ".join(other_only) or "--config.*"} do not apply to --kind=clip; '
+                      'use --preset and --act.')
+    from visgen_jax.convert import clip
+    config, params = clip.load_clip_checkpoint(FLAGS.input, FLAGS.preset, act=FLAGS.act)
+    _save(output, params)
+    print(json.dumps({'output': output, 'config': config}))
+    return
+  if clip_only:
+    raise UserError(f'{", ".join(clip_only)} apply to --kind=clip only.')
   from visgen_jax.convert import guided_diffusion
   from visgen_jax.models.adm_unet import ADMUNet
   state_dict = guided_diffusion.load_torch_state_dict(FLAGS.input)
   kwargs = _model_kwargs(state_dict)
   params = guided_diffusion.convert_unet_state_dict(state_dict, ADMUNet(**kwargs))
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(output, params)
-  checkpointer.wait_until_finished()
+  _save(output, params)
   print(json.dumps({'output': output, 'model': kwargs}, default=str))
 
 
