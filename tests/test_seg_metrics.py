@@ -21,7 +21,7 @@ SEM_PRED = np.array([[0, 1, 1, 1],
                      [2, 2, 2, 2]])
 # 13 labelled pixels. Confusion [label][prediction]: class 0 → 3×0, 1×1; class 1 → 3×1, 1×2;
 # class 2 → 4×2, 1×0. Predicted counts on labelled pixels: 0: 4, 1: 4, 2: 5.
-# IoU0 = 3/(4+4−3) = 3/5, IoU1 = 3/(4+4−3) = 3/5, IoU2 = 4/(5+5−4) = 2/3; class 3 never occurs.
+# IoU0 = 3/(4+4−3) = 3/5, IoU1 = 3/(4+4−3) = 3/5, IoU2 = 4/(5+5−4) = 2/3; no class 3 at all.
 IOU = [F(3, 5), F(3, 5), F(2, 3)]
 MIOU = sum(IOU) / 3                                      # 28/45
 PIXEL_ACC = F(3 + 3 + 4, 13)                             # 10/13

@@ -139,7 +139,7 @@ def panoptic_inference(class_logits, mask_logits, is_thing,
 
 
 def id_to_rgb(ids):
-  """COCO panoptic colour encoding of segment ids [H, W] → uint8 [H, W, 3], id = R + 256·G + 256²·B."""
+  """COCO panoptic colours of segment ids [H, W] → uint8 [H, W, 3], id = R + 256·G + 256²·B."""
   ids = np.asarray(ids, np.int64)
   if ids.min(initial=0) < 0 or ids.max(initial=0) >= 256 ** 3:
     raise UserError('panoptic segment ids must lie in [0, 256³) to fit an RGB PNG.')
