@@ -104,7 +104,7 @@ def _activation(name: str) -> Callable:
   return quick_gelu if name == 'quick_gelu' else lambda x: jax.nn.gelu(x, approximate=False)
 
 
-def _layer_norm(dtype, name=None):
+def layer_norm(dtype, name=None):
   # PyTorch's LayerNorm: eps 1e-5, two-pass variance.
   return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=dtype, name=name)
 
@@ -128,10 +128,10 @@ class ResidualAttentionBlock(nn.Module):
   def setup(self):
     _check_heads(self, self.width, self.heads)
     dense = lambda features: nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32)
-    self.ln_1 = _layer_norm(self.dtype)
+    self.ln_1 = layer_norm(self.dtype)
     self.in_proj = dense(3 * self.width)
     self.out_proj = dense(self.width)
-    self.ln_2 = _layer_norm(self.dtype)
+    self.ln_2 = layer_norm(self.dtype)
     self.c_fc = dense(4 * self.width)
     self.c_proj = dense(self.width)
     self.activation = _activation(self.act)
@@ -235,10 +235,10 @@ class VisionTransformer(nn.Module):
                                       (self.width,))
     self.positional_embedding = self.param('positional_embedding', nn.initializers.normal(scale),
                                            (grid * grid + 1, self.width))
-    self.ln_pre = _layer_norm(self.dtype)
+    self.ln_pre = layer_norm(self.dtype)
     self.resblocks = [ResidualAttentionBlock(self.width, self.heads, self.act, self.dtype)
                       for _ in range(self.layers)]
-    self.ln_post = _layer_norm(self.dtype)
+    self.ln_post = layer_norm(self.dtype)
     self.proj = self.param('proj', nn.initializers.normal(scale), (self.width, self.embed_dim))
 
   def grid(self, shape) -> tuple[int, int]:
@@ -304,7 +304,7 @@ class TextTransformer(nn.Module):
                                            (self.context_length, self.width))
     self.resblocks = [ResidualAttentionBlock(self.width, self.heads, self.act, self.dtype)
                       for _ in range(self.layers)]
-    self.ln_final = _layer_norm(self.dtype)
+    self.ln_final = layer_norm(self.dtype)
     self.text_projection = self.param('text_projection', nn.initializers.normal(self.width**-0.5),
                                       (self.width, self.embed_dim))
 
