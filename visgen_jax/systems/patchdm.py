@@ -25,6 +25,9 @@ table rows.
 
 sample.stream_rows=R > 0 denoises each step in bands of R patch rows
 (`streaming_denoiser`): the same images, with memory that grows with the width.
+sample.shard_rows=True splits the patch rows over all devices of config.mesh
+(`sharded_denoiser`, neighbours exchange one row of features per level); with
+stream_rows, each device goes through its rows in bands.
 """
 
 import os
@@ -39,11 +42,14 @@ from visgen_jax.data import folder, pipeline
 from visgen_jax.diffusion import editing, gaussian, losses, samplers, schedules
 from visgen_jax.errors import UserError
 from visgen_jax.models.latent_mlp import LatentMLP
+from visgen_jax.models.patch_ablations import check_patch_mode, independent_denoiser, pixel_shift_denoiser
+from visgen_jax.models.patch_sharding import rows_per_device, sharded_denoiser
 from visgen_jax.models.patch_unet import (
     PatchUNet, check_band_rows, collage_denoiser, grid_positions, streaming_denoiser, to_patches)
 from visgen_jax.systems import System
 from visgen_jax.systems.adm import sampler_setup
 from visgen_jax.train import logging as vlog
+from visgen_jax.train import sharding
 from visgen_jax.train.config import base_config
 
 
@@ -171,8 +177,19 @@ def make(config) -> System:
   if stream < 0:
     raise UserError(f'config.sample.stream_rows={stream} must be 0 (all patch rows at once) or a band '
                     'height in patch rows.')
-  if stream:
+  shard_rows = config.sample.shard_rows
+  if shard_rows:
+    mesh = sharding.make_mesh(config.mesh)
+    rows_per_device(sample_grid[0], mesh.size, stream)
+  elif stream:
     check_band_rows(sample_grid[0], stream)
+  patch_mode = check_patch_mode(config.sample.patch_mode)
+  if stream and patch_mode != 'collage':
+    raise UserError(f'config.sample.stream_rows streams the feature collage; sample.patch_mode='
+                    f'{patch_mode!r} is an unstreamed ablation: set one of them to its default.')
+  if shard_rows and patch_mode != 'collage':
+    raise UserError(f'config.sample.shard_rows splits the feature collage over devices; sample.patch_mode='
+                    f'{patch_mode!r} is an ablation on one device: set one of them to its default.')
   lat = config.latent
   if lat.enabled:
     if lat.loss_type not in losses.LOSS_TYPES:
@@ -259,8 +276,14 @@ def make(config) -> System:
     if guidance:
       options.update(cfg_weight=guidance, uncond={'code': 0.0, 'use_pos': 0.0})
     cond = {'code': codes_for(params, code_key, n), 'use_pos': jnp.ones((n,))}
-    if stream:
+    if shard_rows:
+      denoise = sharded_denoiser(unet, params['unet'], pos, pos_mask, mesh, band_rows=stream)
+    elif stream:
       denoise = streaming_denoiser(unet, params['unet'], pos, pos_mask, stream)
+    elif patch_mode == 'independent':
+      denoise = independent_denoiser(unet, params['unet'], pos, pos_mask)
+    elif patch_mode == 'pixel_shift':
+      denoise = pixel_shift_denoiser(unet, params['unet'], pos, pos_mask, sample_schedule.timesteps)
     else:
       denoise = collage_denoiser(unet, params['unet'], pos, pos_mask)
     return samplers.sample(config.sampler.name, sample_key, denoise, sample_schedule, x_T, cond=cond, **options)
@@ -353,6 +376,9 @@ def default_config(resolution, sample_num: int = 4):
   c.sample.positions = 'interpolate'  # or 'extend': beyond the trained grid, no position there
   c.sample.code_index = ()  # rows of the code table, one per image; () = drawn by the latent DPM
   c.sample.stream_rows = 0  # > 0: denoise in bands of this many patch rows (memory ~ width)
+  c.sample.shard_rows = False  # True: split the patch rows over all devices of config.mesh
+  # The paper's seam ablation: 'independent' patches or 'pixel_shift'ed patch grids instead of collage.
+  c.sample.patch_mode = 'collage'
   # The latent DPM over the codes (public code: Diff-AE's MLPSkipNet, L1, const0.008, eps).
   c.latent = ml_collections.ConfigDict(dict(
       enabled=True, num_layers=10, hidden=2048, time_channels=64, dropout=0.0,
