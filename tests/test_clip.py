@@ -193,3 +193,10 @@ def test_cli_round_trip(tmp_path):
   assert (flax.traverse_util.flatten_dict(restored).keys()
           == flax.traverse_util.flatten_dict(expected).keys())
   jax.tree.map(np.testing.assert_array_equal, restored, expected)
+
+
+def test_pallas_attention_without_mask_tokens_matches_xla():
+  """attention_impl='pallas' runs the mask-token kernel with no mask tokens: plain attention."""
+  q, k, v = np.random.RandomState(0).randn(3, 2, 17, 2, 32).astype(np.float32)
+  pallas = clip_lib.vision_tower('tiny', attention_impl='pallas').attend(q, k, v)
+  np.testing.assert_allclose(pallas, clip_lib.vision_tower('tiny').attend(q, k, v), atol=1e-6)
