@@ -1,0 +1,124 @@
+"""Patch-DM's denoising step with the patch rows split over devices: the same
+as one device, only border rows of features cross devices, wired into the
+recipe. The 8-device checks run in a subprocess (`python -m
+tests.test_patch_sharding`), since JAX fixes the device count when it starts."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from tests.helpers import ROOT
+from visgen_jax.errors import UserError
+from visgen_jax.models.patch_sharding import halo_bytes, rows_per_device, sharded_denoiser
+from visgen_jax.models.patch_unet import PatchUNet, collage_denoiser, grid_positions
+from visgen_jax.systems import patchdm
+from visgen_jax.train import config as config_lib
+
+TINY = 'configs/patchdm_1k.py:tiny'
+DTYPE_BYTES = {'f32': 4, 'bf16': 2, 'f16': 2}
+
+
+def permuted_bytes(lowered_text: str) -> list[int]:
+  """Bytes of every collective_permute (ppermute) in lowered StableHLO."""
+  sizes = []
+  for dims, dtype in re.findall(r'collective_permute.*?-> tensor<((?:\d+x)+)(\w+)>', lowered_text):
+    sizes.append(math.prod(int(d) for d in dims.rstrip('x').split('x')) * DTYPE_BYTES[dtype])
+  return sizes
+
+
+def check_on_devices() -> dict:
+  """The 8-device measurements, as JSON for the test."""
+  from tests.test_patchdm import random_params  # pylint: disable=import-outside-toplevel
+  assert jax.device_count() == 8
+  unet = PatchUNet(patch_size=8, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                   attention_resolutions=(), embed_dim=32, pos_channels=8, code_dim=8, dropout=0.0)
+  shapes = jax.eval_shape(lambda k: unet.init(k, jnp.zeros((1, 2, 2, 8, 8, 3)), jnp.zeros((1,), jnp.int32),
+                                              jnp.zeros((1, 2, 2, 2)), jnp.zeros((1, 8)), decode='both'),
+                          jax.random.key(0))['params']
+  params = random_params(shapes)
+  # Two mesh axes, split together: the rows go over all 8 devices.
+  mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ('data', 'fsdp'))
+  result = {'cases': []}
+  # 8 rows: 8 divides them, so the last device encodes the bottom padding row itself.
+  # 29 rows: 4 per device (3 dummy rows), in bands of 2; positions beyond the trained grid masked.
+  for rows, band, positions in ((8, 0, 'interpolate'), (29, 2, 'extend')):
+    pos, mask = grid_positions((rows, 2), (4, 2), positions)
+    rng = np.random.default_rng(rows)
+    args = (jnp.asarray(rng.normal(size=(2, rows * 8, 16, 3)), jnp.float32), jnp.array([5, 700]),
+            jnp.asarray(rng.normal(size=(2, 8)), jnp.float32), jnp.array([1.0, 0.0]))
+    whole = jax.jit(collage_denoiser(unet, params, pos, mask))(*args)
+    lowered = jax.jit(sharded_denoiser(unet, params, pos, mask, mesh, band_rows=band)).lower(*args)
+    sharded = lowered.compile()(*args)
+    result['cases'].append({
+        'rows': rows, 'band': band, 'max_diff': float(jnp.abs(sharded - whole).max()),
+        'mean_abs': float(jnp.abs(whole).mean()), 'permuted': permuted_bytes(lowered.as_text()),
+        'halo': halo_bytes(unet, params, 2, 3)})
+
+  # The recipe: --mode=sample with sample.shard_rows splits the rows over config.mesh's devices.
+  config = config_lib.load_config(TINY, ['sample.shard_rows=True', 'sample.size=64,64', 'sampler.steps=2'])
+  system = patchdm.make(config)
+  batch = {'image': jnp.zeros((4, 32, 64, 3)), 'index': jnp.zeros((4,), jnp.int32)}
+  params = jax.eval_shape(system.init, jax.random.key(0), batch)
+  result['recipe_permuted'] = permuted_bytes(system.sample.lower(params, jax.random.key(1)).as_text())
+  return result
+
+
+@pytest.fixture(scope='module')
+def on_8_devices():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-m', 'tests.test_patch_sharding'], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_sharded_step_equals_the_one_device_step(on_8_devices):
+  for case in on_8_devices['cases']:
+    assert case['mean_abs'] > 0.1, case
+    # Not bit for bit: XLA's CPU kernels sum in another order for another number of patches.
+    assert case['max_diff'] <= 1e-5, case
+
+
+def test_only_one_row_of_features_per_level_crosses_devices(on_8_devices):
+  for case in on_8_devices['cases']:
+    # One patch row (3 patches) of 2 images, float32: the bottleneck (4x4x64), then the skips as
+    # the decoder takes them: ResBlock 4x4x64, Downsample 4x4x32, ResBlock 8x8x32, conv_in 8x8x32.
+    assert case['halo'] == [2 * 3 * 4 * n for n in (4 * 4 * 64, 4 * 4 * 64, 4 * 4 * 32, 8 * 8 * 32, 8 * 8 * 32)]
+    assert sorted(case['permuted']) == sorted(case['halo']), case
+
+
+def test_recipe_samples_with_the_rows_split(on_8_devices):
+  assert on_8_devices['recipe_permuted'], 'sample.shard_rows=True did not split the rows'
+
+
+def test_rows_per_device_pads_to_whole_bands():
+  assert rows_per_device(8, 8) == 1
+  assert rows_per_device(5, 8) == 1
+  assert rows_per_device(13, 8) == 2
+  assert rows_per_device(29, 8, 2) == 4
+  assert rows_per_device(30, 4, 3) == 9
+  for band in (-1, 3):
+    with pytest.raises(UserError, match=f'stream_rows={band} with sample.shard_rows'):
+      rows_per_device(13, 8, band)
+
+
+def test_bad_sharding_is_a_user_error():
+  pos, mask = grid_positions((4, 2), (4, 2))
+  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  with pytest.raises(UserError, match="axes.*'rows'.*not in the mesh"):
+    sharded_denoiser(None, None, pos, mask, mesh, axes='rows')
+  with pytest.raises(UserError, match='stream_rows=3 with sample.shard_rows'):
+    patchdm.make(config_lib.load_config(TINY, ['sample.shard_rows=True', 'sample.stream_rows=3']))
+
+
+if __name__ == '__main__':
+  print(json.dumps(check_on_devices()))
