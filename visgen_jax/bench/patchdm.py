@@ -10,18 +10,46 @@ same layers (ADMUNet, 64 channels × (1, 2, 4, 8), attention where the patch
 UNet has it: at 1/4 resolution). `*_temp_growth` is the streaming step's temp
 memory divided by that at the previous size (width and height both double:
 2 is linear in width, 4 in area); the argument (the image itself) is area.
-Nothing runs: shapes are compiled, not executed.
+Nothing runs for these: shapes are compiled, not executed.
+
+Sampling speed: one denoising step of the paper-scale PatchUNet on a 256²
+image (4×4 patches + the half-patch padding: 25 encoded, 16 collaged
+patches) vs the full-image UNet of the same width at 256², random weights,
+batch 1; images/s for DDIM-50 = 1 / (50 × step time).
+
+Seams (the paper's ablation, Table 4.4 / Fig. 4.8): a tiny Patch-DM is trained
+on the built-in photographs at 64×128 (4×8 patches of 16²; SEAM_STEPS steps,
+kept in $VISGEN_BENCH_DIR/patchdm_seam_model so a rerun reuses it), then the
+same noise and table codes are sampled with feature collage, independent
+patches and pixel-space shifted patches (`sample.patch_mode`); the seam score
+(`patch_ablations.seam_score`) is measured at each mode's own patch borders,
+and the samples are saved as one PNG per mode beside the model.
 """
+
+import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from visgen_jax.bench.common import best_time
+from visgen_jax.models import patch_ablations
 from visgen_jax.models.adm_unet import ADMUNet
 from visgen_jax.models.latent_mlp import LatentMLP
 from visgen_jax.models.patch_unet import PatchUNet, collage_denoiser, grid_positions, streaming_denoiser
+from visgen_jax.train import config as config_lib
+from visgen_jax.train import logging as vlog
+from visgen_jax.train import trainer
 
 SIZES = ((512, 1024), (1024, 2048), (2048, 4096))
+SEAM_STEPS = 3000
+SEAM_SAMPLES = 8
+SEAM_OVERRIDES = ('data.resolution=64,128', 'sample.size=64,128', f'total_steps={SEAM_STEPS}',
+                  'batch_size=16', 'latent.enabled=false', 'optimizer.learning_rate=2e-4',
+                  'optimizer.ema_decay=0.999', 'log_every=100', 'ckpt_every=500', 'sample_every=0',
+                  f'sample.num={SEAM_SAMPLES}', 'sampler.steps=50',
+                  'sample.code_index=' + ','.join(str(i) for i in range(SEAM_SAMPLES)))
 
 
 def _count(shapes) -> int:
@@ -32,6 +60,50 @@ def _memory(fn, *args) -> dict:
   stats = jax.jit(fn).lower(*args).compile().memory_analysis()
   return {'total': int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes),
           'temp': int(stats.temp_size_in_bytes)}
+
+
+def seam_scores() -> dict:
+  """Trains (or reuses) the tiny seam model and scores each patch mode's samples."""
+  workdir = os.path.join(os.environ.get('VISGEN_BENCH_DIR', os.path.join(tempfile.gettempdir(), 'visgen_bench')),
+                         'patchdm_seam_model')
+  spec = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'patchdm_1k.py') + ':tiny'
+  trainer.train(config_lib.load_config(spec, SEAM_OVERRIDES), workdir)
+  result = {'seam_train_steps': SEAM_STEPS}
+  for mode in patch_ablations.PATCH_MODES:
+    config = config_lib.load_config(spec, SEAM_OVERRIDES + (f'sample.patch_mode={mode}',))
+    s = trainer.setup(config)
+    state, step = trainer.restore_latest(s, workdir)
+    images = trainer.draw_samples(s, state, step)
+    vlog.save_png(os.path.join(workdir, f'seams_{mode}.png'), vlog.image_grid(images))
+    h, w = images.shape[1:3]
+    patch = config.model.patch_size
+    result[f'seam_score_{mode}'] = patch_ablations.seam_score(
+        images, patch_ablations.patch_borders(mode, h, patch), patch_ablations.patch_borders(mode, w, patch))
+  result['seam_samples_png_dir'] = workdir
+  return result
+
+
+def sampling_speed(key) -> dict:
+  """DDIM-50 images/s at 256², Patch-DM (paper scale) vs a full-image UNet of the same width."""
+  size, t1 = 256, jnp.zeros((1,), jnp.int32)
+  patch = PatchUNet()
+  x = jax.random.normal(key, (1, size, size, 3))
+  patch_params = jax.jit(lambda k: patch.init(
+      k, jnp.zeros((1, 2, 2, 64, 64, 3)), t1, jnp.zeros((1, 2, 2, 2)), jnp.zeros((1, 512)),
+      decode='both')['params'])(key)
+  pos, mask = grid_positions((4, 4), (4, 4))
+  step_patch = jax.jit(collage_denoiser(patch, patch_params, pos, mask))
+  full = ADMUNet(image_size=size, in_channels=3, model_channels=64, out_channels=3, num_res_blocks=2,
+                 attention_resolutions=(size // 4,), channel_mult=(1, 2, 4, 8), use_scale_shift_norm=True,
+                 resblock_updown=True)
+  full_params = jax.jit(lambda k: full.init(k, x, t1)['params'])(key)
+  step_full = jax.jit(lambda p, x: full.apply({'params': p}, x, t1))
+  code, use = jnp.zeros((1, 512)), jnp.ones((1,))
+  patch_time = best_time(lambda: step_patch(x, t1, code, use).block_until_ready())
+  full_time = best_time(lambda: step_full(full_params, x).block_until_ready())
+  return {'sampling_images_per_sec_ddim50_256_patchdm': 1 / (50 * patch_time),
+          'sampling_images_per_sec_ddim50_256_full_unet': 1 / (50 * full_time),
+          'sampling_speed_ratio_patchdm_over_full_unet': full_time / patch_time}
 
 
 def run() -> dict:
@@ -73,4 +145,6 @@ def run() -> dict:
     if previous_temp:
       result[f'memory_streaming_temp_growth_{w}x{h}'] = temp / previous_temp
     previous_temp = temp
+  result.update(sampling_speed(key))
+  result.update(seam_scores())
   return result

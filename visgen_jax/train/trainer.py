@@ -126,13 +126,13 @@ def _params_and_key(s: Setup, state, step: int):
   return params, jax.random.fold_in(jax.random.fold_in(s.root_key, SAMPLE_STREAM), step)
 
 
-def _draw_samples(s: Setup, state, step: int):
+def draw_samples(s: Setup, state, step: int):
   """config.sample.num images in [-1, 1], on the host."""
   return jax.device_get(s.system.sample(*_params_and_key(s, state, step)))
 
 
 def _save_samples(s: Setup, state, step, workdir, writer):
-  images = _draw_samples(s, state, step)
+  images = draw_samples(s, state, step)
   grid = vlog.image_grid(images)
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
@@ -194,19 +194,25 @@ def train(config, workdir: str):
   return state
 
 
+def restore_latest(s: Setup, workdir: str):
+  """(state, step) of the latest checkpoint under workdir, for inference."""
+  directory = os.path.join(workdir, 'checkpoints')
+  ckpt = checkpoint.Checkpointer(directory, s.config.keep_checkpoints) if os.path.isdir(directory) else None
+  step = ckpt.latest_step() if ckpt else None
+  if step is None:
+    raise UserError(f'--workdir={workdir}: no checkpoint under {directory}; train first with --mode=train.')
+  state, _ = ckpt.restore(step, checkpoint.abstract_like(s.abstract_state, s.state_shardings))
+  ckpt.close()
+  return state, step
+
+
 def run_command(config, workdir: str, mode: str):
   """--mode=sample or one of the system's commands, on the latest checkpoint."""
   s = setup(config)
   commands = {'sample': None, **s.system.commands}
   if mode not in commands:
     raise UserError(f'--mode={mode} is not one of: train, {", ".join(commands)}.')
-  directory = os.path.join(workdir, 'checkpoints')
-  ckpt = checkpoint.Checkpointer(directory, config.keep_checkpoints) if os.path.isdir(directory) else None
-  step = ckpt.latest_step() if ckpt else None
-  if step is None:
-    raise UserError(f'--workdir={workdir}: no checkpoint under {directory}; train first with --mode=train.')
-  state, _ = ckpt.restore(step, checkpoint.abstract_like(s.abstract_state, s.state_shardings))
-  ckpt.close()
+  state, step = restore_latest(s, workdir)
   if mode == 'sample':
     _sample_to_pngs(s, state, workdir)
   else:
@@ -216,7 +222,7 @@ def run_command(config, workdir: str, mode: str):
 def _sample_to_pngs(s: Setup, state, workdir: str):
   """config.sample.num images, one PNG each plus a grid."""
   step = int(jax.device_get(state['step']))
-  images = _draw_samples(s, state, step)
+  images = draw_samples(s, state, step)
   if jax.process_index() != 0:
     return
   out = os.path.join(workdir, 'samples', f'sample_step{step}')
