@@ -118,6 +118,8 @@ def test_bad_sharding_is_a_user_error():
     sharded_denoiser(None, None, pos, mask, mesh, axes='rows')
   with pytest.raises(UserError, match='stream_rows=3 with sample.shard_rows'):
     patchdm.make(config_lib.load_config(TINY, ['sample.shard_rows=True', 'sample.stream_rows=3']))
+  with pytest.raises(UserError, match="shard_rows.*patch_mode='independent'"):
+    patchdm.make(config_lib.load_config(TINY, ['sample.shard_rows=True', 'sample.patch_mode=independent']))
 
 
 if __name__ == '__main__':

@@ -121,7 +121,6 @@ def sharded_denoiser(unet: PatchUNet, params, pos, pos_mask, mesh, axes=None, ba
     decode = lambda features, start, n: apply(p, PatchUNet.decode, features, t, take(grid_pos, start, n + 1),
                                               code, take(keep, start, n + 1), shift=True)
     join = lambda *fs: jax.tree.map(lambda *a: jnp.concatenate(a, axis=1), *fs)
-
     top = lambda f: jax.tree.map(lambda a: a[:, :1], f)
 
     # Band k encodes rows [kb, kb + b) and decodes them with the next band's first row.
