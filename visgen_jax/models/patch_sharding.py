@@ -4,10 +4,11 @@ The half-patch-padded image of N1 output patch rows has N1 + 1 encoder patch
 rows; output row i is collaged from encoder rows i and i + 1. With D devices,
 device d owns R = ceil(N1 / D) output rows [dR, dR + R) and the encoder rows
 of the same indices, and needs one more encoder row, dR + R: the first row of
-device d + 1. So every device encodes its own patches, sends its first encoded
-patch row (the bottleneck and every skip connection, each at its level) to
-device d - 1 with one `ppermute` per level (the halo), and decodes its own
-rows from its features plus the halo. No other features cross devices; the
+device d + 1, of which the collage reads only the upper half of every patch.
+So every device encodes its own patches, sends the upper half of its first
+encoded patch row (the bottleneck and every skip connection, each at its
+level) to device d - 1 with one `ppermute` per level (the halo), and decodes
+its own rows from its features plus the halo. No other features cross devices; the
 image itself (C channels) is split and put together around the `shard_map`
 wherever XLA places it.
 
@@ -54,17 +55,19 @@ def rows_per_device(rows: int, devices: int, band_rows: int = 0) -> int:
 
 def halo_bytes(unet: PatchUNet, params, batch: int, cols: int) -> list[int]:
   """Bytes one device receives per step at every decoder level, bottleneck
-  first then the skips in the order the decoder takes them: one encoded patch
-  row of `cols` patches (the padded grid's N2 + 1) for `batch` images."""
+  first then the skips in the order the decoder takes them: the upper half of
+  one encoded patch row of `cols` patches (the padded grid's N2 + 1) for
+  `batch` images.
+  `params` may be arrays or their shapes."""
   p = unet.patch_size
   features = jax.eval_shape(
-      lambda x, pos: unet.apply({'params': params}, x, jnp.zeros((batch,), jnp.int32), pos,
-                                jnp.zeros((batch, unet.code_dim)), jnp.ones((batch, 1, cols)),
-                                method=PatchUNet.encode),
-      jax.ShapeDtypeStruct((batch, 1, cols, p, p, unet.in_channels), jnp.float32),
+      lambda params, x, pos: unet.apply({'params': params}, x, jnp.zeros((batch,), jnp.int32), pos,
+                                        jnp.zeros((batch, unet.code_dim)), jnp.ones((batch, 1, cols)),
+                                        method=PatchUNet.encode),
+      params, jax.ShapeDtypeStruct((batch, 1, cols, p, p, unet.in_channels), jnp.float32),
       jax.ShapeDtypeStruct((batch, 1, cols, 2), jnp.float32))
   bottleneck, skips = features
-  return [math.prod(f.shape) * f.dtype.itemsize for f in [bottleneck, *reversed(skips)]]
+  return [math.prod(f.shape) // 2 * f.dtype.itemsize for f in [bottleneck, *reversed(skips)]]
 
 
 def sharded_denoiser(unet: PatchUNet, params, pos, pos_mask, mesh, axes=None, band_rows: int = 0):
@@ -122,15 +125,18 @@ def sharded_denoiser(unet: PatchUNet, params, pos, pos_mask, mesh, axes=None, ba
                                               code, take(keep, start, n + 1), shift=True)
     join = lambda *fs: jax.tree.map(lambda *a: jnp.concatenate(a, axis=1), *fs)
     top = lambda f: jax.tree.map(lambda a: a[:, :1], f)
+    # Of the row below its last, a device's collage reads only the upper half of every patch.
+    upper = lambda f: jax.tree.map(lambda a: a[:, :1, :, :a.shape[3] // 2], f)
 
     # Band k encodes rows [kb, kb + b) and decodes them with the next band's first row.
     current = encode(take(patches, 0, band), 0, band)
-    halo = jax.tree.map(lambda f: jax.lax.ppermute(f, axes, to_previous), top(current))
+    halo = jax.tree.map(lambda f: jax.lax.ppermute(f, axes, to_previous), upper(current))
     if extra_row is not None:
       last = jax.lax.axis_index(axes) == devices - 1
       # The row is replicated; its features must be per-device like the halo they replace.
       extra_row = jax.lax.pcast(extra_row, axes, to='varying')
-      halo = jax.lax.cond(last, lambda: encode(extra_row, r, 1), lambda: halo)
+      halo = jax.lax.cond(last, lambda: upper(encode(extra_row, r, 1)), lambda: halo)
+    halo = jax.tree.map(lambda a: jnp.pad(a, [(0, 0)] * 3 + [(0, a.shape[3])] + [(0, 0)] * 2), halo)
 
     outs = []
     if r > band:
