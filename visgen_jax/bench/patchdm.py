@@ -17,6 +17,12 @@ image (4×4 patches + the half-patch padding: 25 encoded, 16 collaged
 patches) vs the full-image UNet of the same width at 256², random weights,
 batch 1; images/s for DDIM-50 = 1 / (50 × step time).
 
+Spatial sharding: per-device compiled memory of one paper-scale step at
+2048×1024 with the patch rows split over 8 devices (`sharded_denoiser`; on 8
+simulated CPU devices in a subprocess when this process has fewer), over the
+same step on one device, and the bytes a device receives from its neighbour
+per step (the halo: half a row of features at every decoder level).
+
 Seams (the paper's ablation, Table 4.4 / Fig. 4.8): a tiny Patch-DM is trained
 on the built-in photographs at 64×128 (4×8 patches of 16²; SEAM_STEPS steps,
 kept in $VISGEN_BENCH_DIR/patchdm_seam_model so a rerun reuses it), then the
@@ -26,23 +32,29 @@ patches and pixel-space shifted patches (`sample.patch_mode`); the seam score
 and the samples are saved as one PNG per mode beside the model.
 """
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from visgen_jax.bench.common import best_time
 from visgen_jax.models import patch_ablations
 from visgen_jax.models.adm_unet import ADMUNet
 from visgen_jax.models.latent_mlp import LatentMLP
+from visgen_jax.models.patch_sharding import halo_bytes, sharded_denoiser
 from visgen_jax.models.patch_unet import PatchUNet, collage_denoiser, grid_positions, streaming_denoiser
 from visgen_jax.train import config as config_lib
 from visgen_jax.train import logging as vlog
 from visgen_jax.train import trainer
 
 SIZES = ((512, 1024), (1024, 2048), (2048, 4096))
+SHARD_SIZE, SHARD_DEVICES = (1024, 2048), 8
 SEAM_STEPS = 3000
 SEAM_SAMPLES = 8
 SEAM_OVERRIDES = ('data.resolution=64,128', 'sample.size=64,128', f'total_steps={SEAM_STEPS}',
@@ -60,6 +72,36 @@ def _memory(fn, *args) -> dict:
   stats = jax.jit(fn).lower(*args).compile().memory_analysis()
   return {'total': int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes),
           'temp': int(stats.temp_size_in_bytes)}
+
+
+def sharded_memory() -> dict:
+  """One step at SHARD_SIZE split over SHARD_DEVICES devices vs on one device."""
+  if jax.device_count() < SHARD_DEVICES:
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={SHARD_DEVICES}',
+               JAX_PLATFORMS='cpu')
+    code = 'import json; from visgen_jax.bench import patchdm; print(json.dumps(patchdm.sharded_memory()))'
+    proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True)
+    if proc.returncode:
+      raise RuntimeError(f'sharded_memory on {SHARD_DEVICES} simulated devices failed:\n{proc.stderr[-4000:]}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+  h, w = SHARD_SIZE
+  t1 = jnp.zeros((1,), jnp.int32)
+  patch = PatchUNet()
+  params = jax.eval_shape(lambda k: patch.init(
+      k, jnp.zeros((1, 2, 2, 64, 64, 3)), t1, jnp.zeros((1, 2, 2, 2)), jnp.zeros((1, 512)),
+      decode='both'), jax.random.key(0))['params']
+  grid = (h // 64, w // 64)
+  pos, mask = grid_positions(grid, grid)
+  x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
+  cond = (t1, jnp.zeros((1, 512)), jnp.ones((1,)))
+  mesh = Mesh(np.asarray(jax.devices()[:SHARD_DEVICES]), ('rows',))
+  one = _memory(lambda p, x: collage_denoiser(patch, p, pos, mask)(x, *cond), params, x)
+  sharded = _memory(lambda p, x: sharded_denoiser(patch, p, pos, mask, mesh)(x, *cond), params, x)
+  name, size = f'patchdm_sharded{SHARD_DEVICES}_per_device', f'{w}x{h}'
+  return {f'memory_bytes_{name}_{size}': sharded['total'], f'memory_temp_bytes_{name}_{size}': sharded['temp'],
+          f'memory_{name}_over_one_device_{size}': sharded['total'] / one['total'],
+          f'memory_temp_{name}_over_one_device_{size}': sharded['temp'] / one['temp'],
+          f'halo_bytes_per_step_{name}_{size}': sum(halo_bytes(patch, params, 1, grid[1] + 1))}
 
 
 def seam_scores() -> dict:
@@ -145,6 +187,7 @@ def run() -> dict:
     if previous_temp:
       result[f'memory_streaming_temp_growth_{w}x{h}'] = temp / previous_temp
     previous_temp = temp
+  result.update(sharded_memory())
   result.update(sampling_speed(key))
   result.update(seam_scores())
   return result
