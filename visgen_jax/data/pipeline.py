@@ -218,10 +218,24 @@ def _seed32(*entropy: int) -> int:
   return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
 
 
+# Dataset names whose records are segmentation examples (visgen_jax.data.segmentation).
+SEGMENTATION_DATASETS = ('seg_sample', 'segmentation')
+
+
+def _segmentation():
+  # Imported on use: the segmentation reader is built on this module's machinery.
+  from visgen_jax.data import segmentation  # pylint: disable=g-import-not-at-top
+  return segmentation
+
+
 def make_train_iterator(data_config, *, local_batch_size: int, seed: int,
                         process_index: int = 0,
                         process_count: int = 1) -> DataIterator:
   """Infinite shuffled, augmented batches of this process's shard."""
+  if data_config.name in SEGMENTATION_DATASETS:
+    return _segmentation().make_segmentation_iterator(
+        data_config, local_batch_size=local_batch_size, seed=seed, train=True,
+        process_index=process_index, process_count=process_count)
   source, info = make_dataset_source(data_config)
   _check_layout(info, local_batch_size, process_index, process_count)
   augment = _Augment(_crop_for(data_config, info, random=True),
@@ -262,6 +276,8 @@ def make_eval_iterator(data_config, *, local_batch_size: int,
 
 def example_batch(data_config, batch_size: int) -> dict:
   """Zeros shaped and typed like a batch of `batch_size`, reading no data."""
+  if data_config.name in SEGMENTATION_DATASETS:
+    return _segmentation().example_segmentation_batch(data_config, batch_size)
   h, w = _train_resolution(data_config)
   return {'image': np.zeros((batch_size, h, w, 3), np.float32),
           'index': np.zeros((batch_size,), np.int32)}

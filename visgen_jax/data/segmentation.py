@@ -970,3 +970,19 @@ def example_segmentation_batch(data_config, batch_size: int) -> dict:
       'index': np.zeros((b,), np.int32),
       'valid_hw': np.zeros((b, 2), np.int32),
       'orig_hw': np.zeros((b, 2), np.int32)}
+
+
+def inference_example(image: Image.Image, proposals: Proposals, size: int, max_proposals: int) -> dict:
+  """One image and its proposals as the eval transform makes them: the longer
+  side resized to `size`, padded at the bottom / right; keys image [S, S, 3] in
+  [-1, 1], proposals [M, S, S] logits, proposal_valid [M], valid_hw (h, w)."""
+  s = _Settings(size=size, train=False, flip=False, scale_range=(1.0, 1.0), max_segments=1,
+                max_proposals=max_proposals, use_stored=True)
+  g = _geometry((image.height, image.width), s, None)
+  pixels = _warp(image.convert('RGB'), g, size, Image.Resampling.BILINEAR, 0, np.uint8)
+  logits, valid, _ = _proposal_logits(proposals, g, s)
+  nh, nw = g.new_hw
+  h, w = min(nh, size), min(nw, size)
+  pixels = pixels.astype(np.float32) / 127.5 - 1
+  pixels[h:], pixels[:, w:] = 0, 0
+  return {'image': pixels, 'proposals': logits, 'proposal_valid': valid, 'valid_hw': (h, w)}

@@ -11,12 +11,12 @@ overlap_threshold of their own σ ≥ 0.5 area, and merge all segments of one st
 
 import json
 import os
-import tempfile
 
 import numpy as np
 from PIL import Image
 
 from visgen_jax.errors import UserError
+from visgen_jax.train import logging as vlog
 
 # Released MaskCLIP COCO config (configs/coco/maskformer2_R50_bs16_50ep.yaml) and
 # detectron2's TEST.DETECTIONS_PER_IMAGE.
@@ -152,19 +152,6 @@ def rgb_to_id(rgb):
   return rgb[..., 0] + 256 * rgb[..., 1] + 256 ** 2 * rgb[..., 2]
 
 
-def _replace_atomically(path, write):
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix=os.path.splitext(path)[1])
-  os.close(handle)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def write_coco_panoptic(path, panoptic_map, segments_info, image_id, category_ids=None):
   """Writes the COCO-panoptic PNG of one image at path; returns its JSON annotation entry.
 
@@ -177,7 +164,7 @@ def write_coco_panoptic(path, panoptic_map, segments_info, image_id, category_id
   if panoptic_map.ndim != 2:
     raise UserError(f'panoptic map must be [H, W], got shape {panoptic_map.shape}.')
   rgb = id_to_rgb(panoptic_map)
-  _replace_atomically(path, lambda tmp: Image.fromarray(rgb, 'RGB').save(tmp, format='PNG'))
+  vlog.write_atomically(path, lambda tmp: Image.fromarray(rgb, 'RGB').save(tmp, format='PNG'))
   entries = []
   for segment in segments_info:
     ys, xs = np.nonzero(panoptic_map == segment['id'])
@@ -209,4 +196,4 @@ def write_coco_panoptic_json(path, annotations, categories):
     with open(tmp, 'w') as f:
       f.write(payload)
 
-  _replace_atomically(path, write)
+  vlog.write_atomically(path, write)

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 
 from visgen_jax.errors import UserError
 
-RECIPES = ('adm', 'patchdm')
+RECIPES = ('adm', 'patchdm', 'maskclip')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +25,12 @@ class System:
   # Extra --mode=NAME commands (e.g. outpaint, segment): NAME -> fn(params, key, workdir),
   # run on the latest checkpoint's parameters (EMA when config.sample.use_ema).
   commands: dict = dataclasses.field(default_factory=dict)
+  # params -> params with pretrained weights (e.g. CLIP) in place of initial ones; None loads
+  # nothing. The trainer calls it once, on the host, after init on a fresh start (never on
+  # resume). Leaves returned as the same objects stay as initialised; every other leaf (numpy
+  # or jax, same shape) replaces the initial one in both params and EMA params, placed with
+  # the state's shardings. Runs on every process: each must return the same values.
+  load_pretrained: Optional[Callable[[Any], Any]] = None
 
 
 def get_system(config) -> System:

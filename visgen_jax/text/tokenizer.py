@@ -15,6 +15,7 @@ merge rank.
 import functools
 import gzip
 import html
+import importlib.util
 import os
 import zlib
 from collections.abc import Sequence
@@ -175,3 +176,17 @@ def find_merges_file(checkpoint_path_or_dir: str | os.PathLike) -> str:
   raise UserError(f'No CLIP BPE merges file beside checkpoint {path!r}: looked in {directory!r} '
                   f'for {", ".join(MERGES_FILE_NAMES)}; put one there (bpe_simple_vocab_16e6.txt.gz '
                   'ships inside the open_clip package) or pass its path.')
+
+
+def installed_merges_file() -> str | None:
+  """The merges file inside an installed open_clip_torch package, if any.
+
+  Found without importing open_clip (which would import torch): launch/setup.sh
+  installs the package without dependencies just for this file.
+  """
+  spec = importlib.util.find_spec('open_clip')
+  for directory in (spec.submodule_search_locations or []) if spec else []:
+    candidate = os.path.join(directory, MERGES_FILE_NAMES[0])
+    if os.path.isfile(candidate):
+      return candidate
+  return None

@@ -7,6 +7,7 @@ TensorFlow.
 import json
 import math
 import os
+import tempfile
 
 import jax
 import numpy as np
@@ -63,8 +64,36 @@ def image_grid(images) -> np.ndarray:
   return grid
 
 
+def umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def write_atomically(path: str, write):
+  """write(tmp_path) then rename onto path: a reader never sees half a file."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  handle, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix=os.path.splitext(path)[1])
+  os.close(handle)
+  try:
+    write(tmp)
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private; give it a plain file's mode
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
 def save_png(path: str, image: np.ndarray):
-  """Writes atomically: a reader never sees half a PNG."""
-  tmp = path + '.tmp'
-  Image.fromarray(image).save(tmp, format='PNG')
-  os.replace(tmp, path)
+  write_atomically(path, lambda tmp: Image.fromarray(image).save(tmp, format='PNG'))
+
+
+def save_json(path: str, value):
+  text = json.dumps(value, indent=1)
+
+  def write(tmp):
+    with open(tmp, 'w') as f:
+      f.write(text)
+
+  write_atomically(path, write)
