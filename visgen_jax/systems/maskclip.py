@@ -130,6 +130,10 @@ def make(config) -> System:
 
   def init(key, batch):
     params = model.init(key, batch['image'][:1], batch['proposals'][:1])['params']
+    # Placeholders (XLA drops their random init): `load_pretrained` puts CLIP's weights in.
+    return dict(params, clip=jax.tree.map(jnp.zeros_like, params['clip']))
+
+  def load_pretrained(params):
     return dict(params, clip=clip_params['visual'])
 
   def predict(params, images, proposals, text):
@@ -161,32 +165,12 @@ def make(config) -> System:
 
   def segment(params, key, workdir):
     del key  # inference is deterministic
-    names = parse_classes(config.classes, 'config.classes')
-    stuff = set(parse_classes(config.inference.stuff_classes, 'config.inference.stuff_classes')
-                if config.inference.stuff_classes else [])
-    unknown = sorted(stuff - set(names))
-    if unknown:
-      raise UserError(f'config.inference.stuff_classes names {", ".join(unknown)}, which is not in '
-                      'config.classes.')
-    if not config.image:
-      raise UserError('--mode=segment needs --config.image=PATH (the image to segment).')
-    if not config.proposals:
-      raise UserError('--mode=segment needs --config.proposals=PATH.npz (mask proposals for the image; '
-                      'format: visgen_jax/data/segmentation.py).')
-    try:
-      image, _ = folder.load_rgb(config.image)
-    except FileNotFoundError:
-      raise UserError(f'config.image={config.image!r}: no such file.') from None
-    except OSError as e:
-      raise UserError(f'config.image={config.image!r} is not a readable image ({e}).') from None
-    proposals = seg_data.load_proposals(config.proposals, (image.height, image.width))
-    size = vision.image_size if config.data.resolution is None else folder.parse_resolution(
-        config.data.resolution, 'data.resolution')[0]
+    names, is_thing, image, proposals = segment_inputs(config)
+    size = folder.parse_resolution(config.data.resolution, 'data.resolution')[0]
     example = seg_data.inference_example(image, proposals, size, config.data.max_proposals)
     text = jnp.asarray(class_embeddings(m, clip_model, clip_params, names))
     logits, masks = infer(params, example, text)
     masks = _resize_logits(masks, (image.height, image.width))
-    is_thing = np.array([n not in stuff for n in names])
     write_segmentation(workdir, config.image, np.asarray(image), names, is_thing, logits, masks,
                        config.inference)
 
@@ -226,8 +210,32 @@ def make(config) -> System:
     vlog.save_json(path, results)
     print(json.dumps(results), flush=True)
 
-  return System(init=init, loss_fn=loss_fn, trainable=trainable_mask,
+  return System(init=init, loss_fn=loss_fn, trainable=trainable_mask, load_pretrained=load_pretrained,
                 commands={'segment': segment, 'eval': evaluate})
+
+
+def segment_inputs(config):
+  """--mode=segment's checked inputs: (class names, is_thing per class, RGB image, proposals)."""
+  names = parse_classes(config.classes, 'config.classes')
+  stuff_text = config.inference.stuff_classes
+  stuff = set(parse_classes(stuff_text, 'config.inference.stuff_classes') if stuff_text else [])
+  unknown = sorted(stuff - set(names))
+  if unknown:
+    raise UserError(f'config.inference.stuff_classes names {", ".join(unknown)}, which is not in '
+                    'config.classes.')
+  if not config.image:
+    raise UserError('--mode=segment needs --config.image=PATH (the image to segment).')
+  try:
+    image, _ = folder.load_rgb(config.image)
+  except FileNotFoundError:
+    raise UserError(f'config.image={config.image!r}: no such file.') from None
+  except OSError as e:
+    raise UserError(f'config.image={config.image!r} is not a readable image ({e}).') from None
+  if not config.proposals:
+    raise UserError('--mode=segment needs --config.proposals=PATH.npz (mask proposals for the image; '
+                    'format: visgen_jax/data/segmentation.py).')
+  proposals = seg_data.load_proposals(config.proposals, (image.height, image.width))
+  return names, np.array([n not in stuff for n in names]), image, proposals
 
 
 def _resize_logits(masks, hw):

@@ -1,0 +1,145 @@
+"""MaskCLIP recipe end to end on the tiny config: train, --mode=eval, --mode=segment,
+the metrics wiring, and bad input (one sentence, exit 2, nothing written)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import run_main
+from visgen_jax.data import segmentation as seg_data
+from visgen_jax.errors import UserError
+from visgen_jax.eval import segmentation as seg_metrics
+from visgen_jax.systems import maskclip
+from visgen_jax.train import config as config_lib
+from visgen_jax.train import trainer
+
+TINY = 'configs/maskclip_coco.py:tiny'
+CLASSES = 'circle,square,triangle,sky,grass'
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A tiny MaskCLIP trained for 2 steps, and one sample image with its proposals."""
+  root = tmp_path_factory.mktemp('maskclip')
+  workdir = str(root / 'run')
+  run_main(f'--config={TINY}', f'--workdir={workdir}', '--config.total_steps=2', check=True)
+  image, ids, segments = seg_data.sample_example(3)
+  Image.fromarray(image).save(root / 'shapes.png')
+  seg_data.save_proposals(str(root / 'shapes.npz'), np.stack([ids == s[0] for s in segments]))
+  return root, workdir
+
+
+def test_eval_and_segment_write_their_outputs(trained):
+  root, workdir = trained
+  result = run_main(f'--config={TINY}', f'--workdir={workdir}', '--mode=eval', '--config.eval.max_images=3',
+                    check=True)
+  printed = json.loads(result.stdout.strip().splitlines()[-1])
+  assert printed['images'] == 3
+  for key in ('semantic/miou', 'panoptic/pq', 'panoptic/pq_th', 'panoptic/pq_st', 'instance/ap'):
+    assert 0.0 <= printed[key] <= 1.0
+  with open(os.path.join(workdir, 'eval', 'eval_seg_sample_train.json')) as f:
+    assert json.load(f) == printed
+
+  run_main(f'--config={TINY}', f'--workdir={workdir}', '--mode=segment', f'--config.classes={CLASSES}',
+           f'--config.image={root / "shapes.png"}', f'--config.proposals={root / "shapes.npz"}', check=True)
+  out = os.path.join(workdir, 'segment', 'shapes')
+  assert sorted(os.listdir(out)) == ['masks', 'overlay.png', 'panoptic.json', 'panoptic.png']
+  with open(os.path.join(out, 'panoptic.json')) as f:
+    panoptic = json.load(f)
+  assert [c['name'] for c in panoptic['categories']] == CLASSES.split(',')
+  ids = seg_data.rgb_to_ids(np.asarray(Image.open(os.path.join(out, 'panoptic.png'))))
+  assert ids.shape == (96, 128)
+  assert sorted(s['id'] for s in panoptic['annotations'][0]['segments_info']) == sorted(set(np.unique(ids)) - {0})
+  assert Image.open(os.path.join(out, 'overlay.png')).size == (128, 96)
+  written = {os.path.splitext(n)[0] for n in os.listdir(os.path.join(out, 'masks'))}
+  assert written and written <= set(CLASSES.split(','))
+
+
+def _segment(workdir, **overrides):
+  config = config_lib.load_config(TINY, [f'{k}={v}' for k, v in overrides.items()])
+  trainer.run_command(config, workdir, 'segment')
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(classes=''), 'comma-separated list'),
+    (dict(classes='circle,,sky'), 'none empty'),
+    (dict(classes='sky,circle,sky'), 'sky more than once'),
+    (dict(classes='sky', **{'inference.stuff_classes': 'grass'}), 'grass, which is not in'),
+    (dict(classes=CLASSES, image='missing.png'), 'no such file'),
+    (dict(classes=CLASSES, image='corrupt.png'), 'not a readable image'),
+    (dict(classes=CLASSES, image='shapes.png', proposals='small.npz'), 'size'),
+    (dict(classes=CLASSES, image='shapes.png', proposals=''), 'needs --config.proposals'),
+])
+def test_segment_inputs_refuse_bad_input(tmp_path, overrides, message):
+  image, _, _ = seg_data.sample_example(0)
+  Image.fromarray(image).save(tmp_path / 'shapes.png')
+  (tmp_path / 'corrupt.png').write_bytes(b'\x89PNG not really')
+  seg_data.save_proposals(str(tmp_path / 'small.npz'), np.ones((2, 10, 10), bool))
+  overrides = {k: (str(tmp_path / v) if k in ('image', 'proposals') and v else v) for k, v in overrides.items()}
+  config = config_lib.load_config(TINY, [f'{k}={v}' for k, v in overrides.items()])
+  with pytest.raises(UserError, match=message):
+    maskclip.segment_inputs(config)
+
+
+def test_segment_cli_mistake_exits_2_with_one_sentence_and_writes_nothing(trained):
+  root, workdir = trained
+  before = sorted(os.listdir(workdir))
+  result = run_main(f'--config={TINY}', f'--workdir={workdir}', '--mode=segment',
+                    '--config.classes=sky,circle,sky', f'--config.image={root / "shapes.png"}',
+                    f'--config.proposals={root / "shapes.npz"}')
+  assert result.returncode == 2
+  assert result.stderr.strip().count('\n') == 0 and 'more than once' in result.stderr
+  assert sorted(os.listdir(workdir)) == before
+
+
+def test_zero_proposals_give_a_defined_empty_result(trained):
+  root, workdir = trained
+  seg_data.save_proposals(str(root / 'none.npz'), np.zeros((0, 96, 128), bool))
+  Image.open(root / 'shapes.png').save(root / 'empty.png')
+  _segment(workdir, classes=CLASSES, image=str(root / 'empty.png'), proposals=str(root / 'none.npz'))
+  out = os.path.join(workdir, 'segment', 'empty')
+  np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(out, 'overlay.png'))),
+                                np.asarray(Image.open(root / 'empty.png')))
+  with open(os.path.join(out, 'panoptic.json')) as f:
+    assert json.load(f)['annotations'][0]['segments_info'] == []
+  assert os.listdir(os.path.join(out, 'masks')) == []
+
+
+def test_perfect_predictions_score_one_on_every_metric():
+  """The eval wiring: ground truth fed back as predictions must give mIoU = PQ = AP = 1."""
+  _, ids, segments = seg_data.sample_example(5)
+  gt_masks = np.stack([ids == s[0] for s in segments])
+  gt_classes = np.array([s[1] for s in segments])
+  categories = seg_data.SAMPLE_CATEGORIES
+  num_classes = len(categories)
+  is_thing = np.array([bool(c['isthing']) for c in categories])
+  logits = np.full((len(segments), num_classes + 1), -20.0, np.float32)
+  logits[np.arange(len(segments)), gt_classes] = 20.0
+  masks = np.where(gt_masks, 10.0, -10.0).astype(np.float32)
+  semantic = seg_metrics.SemanticMetric(num_classes, ignore_label=-1)
+  panoptic = seg_metrics.PanopticMetric([dict(c, id=i) for i, c in enumerate(categories)])
+  instance = seg_metrics.InstanceMetric(num_classes)
+  options = config_lib.load_config(TINY).inference
+  maskclip.accumulate(semantic, panoptic, instance, logits, masks, gt_masks, gt_classes, is_thing, options)
+  assert semantic.compute()['pixel_acc'] == 1.0
+  assert panoptic.compute()['pq'] == pytest.approx(1.0)
+  if is_thing[gt_classes].any():
+    assert instance.compute()['ap'] == pytest.approx(1.0)
+  # And a wrong class everywhere scores zero PQ.
+  wrong = seg_metrics.PanopticMetric([dict(c, id=i) for i, c in enumerate(categories)])
+  wrong_logits = np.full_like(logits, -20.0)
+  wrong_logits[np.arange(len(segments)), (gt_classes + 1) % num_classes] = 20.0
+  maskclip.accumulate(seg_metrics.SemanticMetric(num_classes, ignore_label=-1), wrong,
+                      seg_metrics.InstanceMetric(num_classes), wrong_logits, masks, gt_masks, gt_classes,
+                      is_thing, options)
+  assert wrong.compute()['pq'] == 0.0
+
+
+def test_vocabulary_parsing():
+  assert maskclip.parse_classes(' toy rabbit , real rabbit,background', 'c') == [
+      'toy rabbit', 'real rabbit', 'background']
+  with pytest.raises(UserError, match='more than once'):
+    maskclip.parse_classes('a,b,a', 'c')
