@@ -11,12 +11,15 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip_install() { "$venv/bin/pip" install -q --disable-pip-version-check "$@"; }
 pip_install -e "$root"
+# CLIP's BPE merges file (MaskCLIP's tokenizer) ships inside open_clip_torch; its dependencies
+# (torch, torchvision, timm) are not needed for that and would pull a CUDA build: skip them.
+pip_install --no-deps open_clip_torch==3.3.0
 if [ "${1:-}" = "--tests" ]; then
   # torch first, pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU wheel.
   pip_install torch==2.13.0
   pip_install -e "$root[test,parity]"
   # open_clip (CLIP parity oracle) depends on torchvision and timm, whose registry builds pull a CUDA
   # torch: take them without dependencies (tests/helpers.py makes torchvision import beside CPU torch).
-  pip_install --no-deps open_clip_torch==3.3.0 torchvision==0.29.1
+  pip_install --no-deps torchvision==0.29.1
 fi
 export PATH="$venv/bin:$PATH"
