@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from visgen_jax.bench import oracles
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,19 +21,8 @@ def run_main(*args, devices=1, env=None, timeout=600, check=False):
 
 
 def import_open_clip():
-  """open_clip_torch, or skip the test when the parity extras are absent.
-
-  torchvision's registry wheel is built against a newer torch than the CPU one we pin;
-  its compiled ops fail to register, so their schemas are declared first (only the
-  pure-Python parts of torchvision are used by open_clip).
-  """
+  """open_clip_torch (imported as visgen_jax.bench.oracles does), or skip when it is absent."""
   import pytest
-  torch = pytest.importorskip('torch')
-  try:
-    library = torch.library.Library('torchvision', 'DEF')
-    library.define('nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
-    library.define('qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
-    import_open_clip.library = library  # keep the registration alive
-  except RuntimeError:
-    pass  # already defined by an earlier call in this process
+  pytest.importorskip('torch')
+  oracles.declare_torchvision_ops()
   return pytest.importorskip('open_clip')
