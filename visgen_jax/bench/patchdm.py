@@ -55,7 +55,7 @@ from visgen_jax.train import trainer
 
 SIZES = ((512, 1024), (1024, 2048), (2048, 4096))
 SHARD_SIZE, SHARD_DEVICES = (1024, 2048), 8
-SEAM_STEPS = 3000
+SEAM_STEPS = 2000
 SEAM_SAMPLES = 8
 SEAM_OVERRIDES = ('data.resolution=64,128', 'sample.size=64,128', f'total_steps={SEAM_STEPS}',
                   'batch_size=16', 'latent.enabled=false', 'optimizer.learning_rate=2e-4',
