@@ -161,6 +161,26 @@ def _loop(s: Setup, state, start, data_iter, train_step, ckpt, writer, bar, work
   return state
 
 
+def _with_pretrained(s: Setup, state):
+  """A fresh `state` with `System.load_pretrained` applied: each leaf it replaces
+  goes into both params and EMA params, placed with the state's shardings."""
+  initial, shardings = state['params'], s.state_shardings
+  loaded = s.system.load_pretrained(initial)
+
+  def place(new, old, sharding):
+    host = jax.device_get(jnp.asarray(new, old.dtype))
+    if host.shape != old.shape:
+      raise ValueError(f'System.load_pretrained returned shape {host.shape} for a parameter of shape {old.shape}.')
+    # From host data every process holds: placement works on any mesh, also across processes.
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  params = jax.tree.map(lambda new, old, sh: old if new is old else place(new, old, sh),
+                        loaded, initial, shardings['params'])
+  ema = jax.tree.map(lambda new, old, e, sh: e if new is old else place(new, old, sh),
+                     loaded, initial, state['ema_params'], shardings['ema_params'])
+  return dict(state, params=params, ema_params=ema)
+
+
 def train(config, workdir: str):
   s = setup(config)
   data_iter = pipeline.make_train_iterator(
@@ -176,6 +196,8 @@ def train(config, workdir: str):
     init_key = jax.random.fold_in(s.root_key, INIT_STREAM)
     state = jax.jit(lambda k, b: _init_state(s.system, s.tx, k, b),
                     out_shardings=s.state_shardings)(init_key, example)
+    if s.system.load_pretrained:
+      state = _with_pretrained(s, state)
   else:
     state, data_state = ckpt.restore(start, checkpoint.abstract_like(s.abstract_state, s.state_shardings))
     data_iter.set_state(data_state)
