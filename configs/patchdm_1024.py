@@ -2,7 +2,8 @@
 
   python -m visgen_jax.main --config=configs/patchdm_1024.py:tiny --workdir=/tmp/patchdm1024_tiny
   python -m visgen_jax.main --config=configs/patchdm_1024.py --workdir=DIR \\
-      --config.data.name=folder --config.data.path=/data/lhq1024
+      --config.data.name=folder --config.data.path=/data/lhq1024 \\
+      [--config.model.code_init=clip --config.model.clip_checkpoint=/weights/ViT-B-16.pt]
 """
 
 from visgen_jax.errors import UserError

@@ -7,6 +7,11 @@
   # Paper scale; with no dataset configured, the built-in photographs at 512x1024:
   python -m visgen_jax.main --config=configs/patchdm_1k.py --workdir=DIR \\
       [--config.data.name=folder --config.data.path=/data/nature1024]
+  # The code table started from CLIP ViT-B/16 image embeddings (OpenAI's weights), as the paper:
+  python -m visgen_jax.main --config=configs/patchdm_1k.py --workdir=DIR \\
+      --config.model.code_init=clip --config.model.clip_checkpoint=/weights/ViT-B-16.pt
+  # Or a semantic encoder trained jointly instead of the table:
+  ... --config.model.code_source=encoder --config.latent.znormalize=false
   # Any size from the same model (interpolated positions), beyond the trained grid, editing:
   ... --mode=sample --config.sample.size=1024,2048
   ... --mode=sample --config.sample.size=768,1280 --config.sample.positions=extend

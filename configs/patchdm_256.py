@@ -1,6 +1,8 @@
 """Patch-DM at 256² (FFHQ / LSUN church, bedroom): 4×4 patches of 64².
 
-The public code trains these with classifier-free guidance (weight 0.5).
+The public code trains these with classifier-free guidance (weight 0.5) and a
+semantic encoder of the whole image trained jointly (model.code_source=encoder),
+whose codes the latent DPM learns without z-normalisation.
 
   python -m visgen_jax.main --config=configs/patchdm_256.py:tiny --workdir=/tmp/patchdm256_tiny
   python -m visgen_jax.main --config=configs/patchdm_256.py --workdir=DIR \\
@@ -15,6 +17,8 @@ def get_config(arg=None):
   c = patchdm.default_config((256, 256))
   c.data.name = 'sample_faces'
   c.sampler.guidance_scale = 0.5
+  c.model.code_source = 'encoder'
+  c.latent.znormalize = False
   if arg == 'tiny':
     patchdm.tiny(c, (32, 32))
   elif arg:

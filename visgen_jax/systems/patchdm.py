@@ -1,10 +1,28 @@
 """Patch-DM: a patch UNet with feature collage, trained on 2×2 patch windows,
 sampled at any size; --mode=outpaint / --mode=inpaint edit an input image.
 
-Parameters: {'unet': PatchUNet, 'codes': [num_codes, code_dim], 'latent':
-LatentMLP (with latent.enabled)} — the global semantic code of every training
-image (`batch['index']` picks it), trained jointly from a random N(0, 1) start
-(no CLIP weights are bundled), and the latent DPM that samples new codes.
+The global semantic code, both ways of the paper (model.code_source):
+  'table'   — params {'unet', 'codes': [num_codes, code_dim], 'latent'}: one
+              code per training image (`batch['index']` picks it), optimised
+              jointly. model.code_init='random' starts it N(0, 1);
+              'clip' starts row i at the CLIP image embedding of training
+              image i (model.clip_checkpoint, model.clip_preset), as the public
+              code's initialize.py: CLIP's evaluation transform (shorter side
+              to the tower's size, bicubic; centre crop), `encode_image`'s
+              projected embedding, not L2-normalised. Computed on the host
+              before the first step of a fresh run (`System.load_pretrained`),
+              never on resume; model.code_dim must equal CLIP's embed_dim (512
+              for ViT-B/16). Rows past the data size stay N(0, 1).
+  'encoder' — params {'unet', 'encoder', 'latent'}: a semantic encoder (Diff-AE's
+              half UNet, `SemanticEncoder`, model.encoder.*) trained with the
+              UNet maps the whole training image, resized to
+              model.encoder.size, to its code; the public code's 256² models.
+              New codes for sampling come from the latent DPM, trained here on
+              stop_gradient of the batch's encoder codes (the public code
+              trains it afterwards on the encoder's codes of the training set,
+              without z-normalisation): latent.enabled=true and
+              latent.znormalize=false are required, sample.code_index has no
+              table to pick from.
 
 Training (the public code's recipe): the image is padded by half a patch with
 zeros; x_t is zero on the padding; a random 2×2 window of patches goes through
@@ -18,10 +36,10 @@ Latent DPM (latent.*): ε-prediction with an L1 loss on a constant-β schedule
 (const0.008), over codes z-normalised by the table's per-dimension mean and
 std. The public code trains it in a second stage on the finished table; here
 it trains in the same steps on stop_gradient(codes) (latent.batch_size random
-rows each step, its loss added with weight latent.loss_weight), so one run and
-one checkpoint carry both and the UNet's gradients are untouched. `sample`
-draws codes with DDIM (latent.sample_steps) unless sample.code_index picks
-table rows.
+table rows each step, or the batch's encoder codes; its loss added with weight
+latent.loss_weight), so one run and one checkpoint carry both and the UNet's
+gradients are untouched. `sample` draws codes with DDIM (latent.sample_steps)
+unless sample.code_index picks table rows.
 
 sample.stream_rows=R > 0 denoises each step in bands of R patch rows
 (`streaming_denoiser`): the same images, with memory that grows with the width.
@@ -40,12 +58,15 @@ from PIL import Image
 
 from visgen_jax.data import folder, pipeline
 from visgen_jax.diffusion import editing, gaussian, losses, samplers, schedules
+from visgen_jax.convert.clip import load_clip_checkpoint
 from visgen_jax.errors import UserError
+from visgen_jax.models import clip as clip_lib
 from visgen_jax.models.latent_mlp import LatentMLP
 from visgen_jax.models.patch_ablations import check_patch_mode, independent_denoiser, pixel_shift_denoiser
 from visgen_jax.models.patch_sharding import rows_per_device, sharded_denoiser
 from visgen_jax.models.patch_unet import (
     PatchUNet, check_band_rows, collage_denoiser, grid_positions, streaming_denoiser, to_patches)
+from visgen_jax.models.semantic_encoder import SemanticEncoder
 from visgen_jax.systems import System
 from visgen_jax.systems.adm import sampler_setup
 from visgen_jax.train import logging as vlog
@@ -53,9 +74,80 @@ from visgen_jax.train import sharding
 from visgen_jax.train.config import base_config
 
 
+CODE_SOURCES = ('table', 'encoder')
+CODE_INITS = ('random', 'clip')
+# config.model keys of the code table / encoder, not PatchUNet fields.
+CODE_KEYS = ('num_codes', 'code_source', 'code_init', 'clip_checkpoint', 'clip_preset', 'encoder')
+CLIP_BATCH = 32  # images per CLIP forward when initialising the table
+
+
 def make_unet(model_config, compute_dtype='float32') -> PatchUNet:
-  kwargs = {k: v for k, v in dict(model_config).items() if k != 'num_codes'}
+  kwargs = {k: v for k, v in dict(model_config).items() if k not in CODE_KEYS}
   return PatchUNet(**kwargs, dtype=jnp.dtype(compute_dtype))
+
+
+def make_encoder(model_config, compute_dtype='float32') -> SemanticEncoder:
+  kwargs = {k: v for k, v in dict(model_config.encoder).items() if k != 'size'}
+  return SemanticEncoder(code_dim=model_config.code_dim, attn_impl=model_config.attn_impl,
+                         dtype=jnp.dtype(compute_dtype), **kwargs)
+
+
+def clip_preprocess(images, size: int) -> np.ndarray:
+  """CLIP's evaluation transform of [B, H, W, 3] images in [-1, 1]: the shorter
+  side resized to `size` (PIL bicubic, the longer side truncated as
+  torchvision's Resize), then the centre size×size crop; [-1, 1] float32 (the
+  tower normalises with CLIP's mean and std itself)."""
+  out = []
+  for image in np.asarray(images, np.float32):
+    im = Image.fromarray(np.clip(np.rint((image + 1) * 127.5), 0, 255).astype(np.uint8))
+    w, h = im.size
+    scale = size / min(w, h)
+    im = im.resize((size, int(h * scale)) if w <= h else (int(w * scale), size), Image.BICUBIC)
+    w, h = im.size
+    top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
+    out.append(np.asarray(im.crop((left, top, left + size, top + size)), np.float32) / 127.5 - 1)
+  return np.stack(out)
+
+
+def check_clip_settings(model_config):
+  """model.clip_checkpoint exists; model.clip_preset's embed_dim (when given;
+  else checked once the checkpoint is read) is model.code_dim."""
+  path, preset = model_config.clip_checkpoint, model_config.clip_preset
+  if not path or not os.path.isfile(path):
+    raise UserError(f"config.model.code_init='clip' needs config.model.clip_checkpoint, the path of a CLIP "
+                    f"checkpoint file (OpenAI .pt, open_clip .bin / .safetensors); got {path!r}.")
+  if preset:
+    check_clip_dim(clip_lib.clip_config(preset), model_config.code_dim)
+
+
+def check_clip_dim(clip_config, code_dim: int):
+  if clip_config['embed_dim'] != code_dim:
+    raise UserError(f"config.model.code_dim={code_dim} differs from the CLIP embedding size "
+                    f"{clip_config['embed_dim']} the code table is initialised with; set model.code_dim="
+                    f"{clip_config['embed_dim']} or model.code_init='random'.")
+
+
+def clip_code_table(config, rows: int) -> np.ndarray:
+  """[rows, code_dim] float32: row i the CLIP image embedding of training
+  image i (data.* read once in index order, centre-cropped like training
+  images), rows without an image N(0, 1) from config.seed. Every process
+  computes the whole table."""
+  m = config.model
+  clip_config, params = load_clip_checkpoint(m.clip_checkpoint, m.clip_preset or None)
+  check_clip_dim(clip_config, m.code_dim)
+  tower = clip_lib.vision_tower(clip_config)
+  embed = jax.jit(lambda p, x: tower.apply({'params': p}, x))
+  table = np.random.default_rng(config.seed).standard_normal((rows, m.code_dim)).astype(np.float32)
+  if jax.process_index() == 0:
+    print(f'Initialising the code table with the CLIP embeddings of the training images '
+          f'({m.clip_checkpoint})', flush=True)
+  with pipeline.make_eval_iterator(config.data, local_batch_size=CLIP_BATCH) as batches:
+    for batch in batches:
+      n = len(batch['index'])
+      x = clip_preprocess(batch['image'], tower.image_size)
+      x = np.concatenate([x, np.zeros((CLIP_BATCH - n, *x.shape[1:]), x.dtype)])  # one compiled shape
+      table[batch['index']] = np.asarray(embed(params['visual'], x))[:n]
+  return table
 
 
 def make_latent(config) -> LatentMLP:
@@ -73,13 +165,16 @@ def code_stats(codes, znormalize: bool):
   return codes.mean(axis=0), codes.std(axis=0, ddof=1)
 
 
-def latent_loss(latent: LatentMLP, schedule, latent_params, codes, key, *, batch_size: int,
+def latent_loss(latent: LatentMLP, schedule, latent_params, codes, key, *, batch_size: int | None,
                 loss_type: str = 'l1', znormalize: bool = True):
   """Per-row loss [batch_size] of the latent DPM on random rows of the code
-  table; no gradient reaches the codes."""
+  table, or [len(codes)] on every row (batch_size None, e.g. a batch's encoder
+  codes); no gradient reaches the codes."""
   rows_key, loss_key, dropout_key = jax.random.split(key, 3)
   mean, std = code_stats(codes, znormalize)
-  picked = jax.lax.stop_gradient(codes[jax.random.randint(rows_key, (batch_size,), 0, codes.shape[0])])
+  if batch_size is not None:
+    codes = codes[jax.random.randint(rows_key, (batch_size,), 0, codes.shape[0])]
+  picked = jax.lax.stop_gradient(codes)
   model = lambda z_t, t: latent.apply({'params': latent_params}, z_t, t, train=True, rngs={'dropout': dropout_key})
   return losses.diffusion_loss(schedule, model, (picked - mean) / std, loss_key, loss_type=loss_type)[0]
 
@@ -112,6 +207,35 @@ def num_codes(config) -> int:
     raise UserError(f'config.model.num_codes={rows} is smaller than the {info.num_examples} training '
                     f'images in {info.path}, whose indices pick codes; use 0 (= the data size) or more.')
   return rows
+
+
+def code_setup(config):
+  """(rows of the code table, 0 with the encoder; the encoder's input (H, W),
+  None with the table), after checking the model.code_* / encoder.* keys."""
+  m = config.model
+  if m.code_source not in CODE_SOURCES:
+    raise UserError(f'config.model.code_source={m.code_source!r} is unknown; allowed: {", ".join(CODE_SOURCES)}.')
+  if m.code_init not in CODE_INITS:
+    raise UserError(f'config.model.code_init={m.code_init!r} is unknown; allowed: {", ".join(CODE_INITS)}.')
+  if m.code_source == 'table':
+    if m.code_init == 'clip':
+      check_clip_settings(m)
+    return num_codes(config), None
+  if m.code_init != 'random':
+    raise UserError(f"config.model.code_init={m.code_init!r} initialises the code table, which "
+                    "model.code_source='encoder' does not have; set code_init=random or code_source=table.")
+  if not config.latent.enabled:
+    raise UserError("config.model.code_source='encoder' samples with codes from the latent DPM; set "
+                    "latent.enabled=true.")
+  if config.latent.znormalize:
+    raise UserError("config.latent.znormalize uses the code table's statistics, which "
+                    "model.code_source='encoder' does not have; set latent.znormalize=false.")
+  if tuple(config.sample.code_index):
+    raise UserError("config.sample.code_index picks rows of the code table, which "
+                    "model.code_source='encoder' does not have; leave it empty.")
+  size = tuple(m.encoder.size)
+  make_encoder(m).layout(size)
+  return 0, size
 
 
 def window_losses(shifted, plain, noise, inside):
@@ -161,7 +285,7 @@ def make(config) -> System:
   if guidance and not (config.diffusion.code_drop and config.diffusion.pos_drop):
     raise UserError('config.sampler.guidance_scale needs a model trained with code and position '
                     'dropout (diffusion.code_drop, diffusion.pos_drop > 0); set it to 0.')
-  rows = num_codes(config)
+  rows, encoder_hw = code_setup(config)
   picked = tuple(config.sample.code_index)
   bad = [i for i in picked if not 0 <= i < rows]
   if bad:
@@ -207,6 +331,8 @@ def make(config) -> System:
     latent_sample_schedule = schedules.respace(latent_base, f'ddim{lat.sample_steps}')
 
   unet = make_unet(m, config.compute_dtype)
+  if encoder_hw:
+    encoder = make_encoder(m, config.compute_dtype)
   base = schedules.make_schedule(config.diffusion.noise_schedule, config.diffusion.num_timesteps)
   sample_schedule, sample_options = sampler_setup(config, base)
   half = patch // 2
@@ -217,7 +343,11 @@ def make(config) -> System:
     window = jnp.zeros((b, 2, 2, patch, patch, m.in_channels))
     params = unet.init(unet_key, window, jnp.zeros((b,), jnp.int32), jnp.zeros((b, 2, 2, 2)),
                        jnp.zeros((b, m.code_dim)), decode='both')['params']
-    params = {'unet': params, 'codes': jax.random.normal(code_key, (rows, m.code_dim))}
+    if encoder_hw:
+      params = {'unet': params,
+                'encoder': encoder.init(code_key, jnp.zeros((1, *encoder_hw, m.in_channels)))['params']}
+    else:
+      params = {'unet': params, 'codes': jax.random.normal(code_key, (rows, m.code_dim))}
     if lat.enabled:
       params['latent'] = latent.init(latent_key, jnp.zeros((1, m.code_dim)), jnp.zeros((1,), jnp.int32))['params']
     return params
@@ -243,8 +373,15 @@ def make(config) -> System:
     pos = jnp.stack(jnp.broadcast_arrays(wi[:, None, None] + offsets[None, :, None],
                                          wj[:, None, None] + offsets[None, None, :]), axis=-1)
 
+    if encoder_hw:
+      # A key of its own: the same dropout key would give the encoder the UNet's dropout masks.
+      whole = x0 if (h, w) == encoder_hw else jax.image.resize(x0, (b, *encoder_hw, c), 'linear')
+      codes = encoder.apply({'params': params['encoder']}, whole, train=True,
+                            rngs={'dropout': jax.random.fold_in(dropout_key, 1)})
+    else:
+      codes = params['codes'][batch['index']]
     code_u, pos_u = jax.random.uniform(drop_key, (2, b))
-    code = params['codes'][batch['index']] * (code_u >= config.diffusion.code_drop)[:, None]
+    code = codes * (code_u >= config.diffusion.code_drop)[:, None]
     keep_pos = jnp.broadcast_to((pos_u >= config.diffusion.pos_drop)[:, None, None], (b, 2, 2))
     t = schedules.to_device(base).timesteps[step]
     shifted, plain = unet.apply({'params': params['unet']}, to_patches(x_win, patch), t, pos, code,
@@ -255,8 +392,9 @@ def make(config) -> System:
     metrics = {'mse_collage': mse_collage.mean(), 'mse_plain': mse_plain.mean()}
     if lat.enabled:
       metrics[f'latent_{lat.loss_type}'] = latent_loss(
-          latent, latent_base, params['latent'], params['codes'], latent_key, batch_size=lat.batch_size,
-          loss_type=lat.loss_type, znormalize=lat.znormalize).mean()
+          latent, latent_base, params['latent'], codes if encoder_hw else params['codes'], latent_key,
+          batch_size=None if encoder_hw else lat.batch_size, loss_type=lat.loss_type,
+          znormalize=lat.znormalize).mean()
       loss = loss + lat.loss_weight * metrics[f'latent_{lat.loss_type}']
     return loss, metrics
 
@@ -266,7 +404,7 @@ def make(config) -> System:
       return params['codes'][jnp.asarray(picked)]
     if not lat.enabled:
       return params['codes'][jax.random.randint(key, (n,), 0, rows)]
-    return sample_codes(latent, latent_sample_schedule, params['latent'], params['codes'], key, n,
+    return sample_codes(latent, latent_sample_schedule, params['latent'], params.get('codes'), key, n,
                         znormalize=lat.znormalize)
 
   def run_sampler(params, key, x_T, **extra):
@@ -340,8 +478,21 @@ def make(config) -> System:
                       'everything; mark only the regions to fill in white.')
     edit(params, key, workdir, image, mask, 'inpaint')
 
+  def load_clip_codes(params):
+    return dict(params, codes=clip_code_table(config, rows))
+
   return System(init=init, loss_fn=loss_fn, sample=sample,
-                commands={'outpaint': outpaint, 'inpaint': inpaint})
+                commands={'outpaint': outpaint, 'inpaint': inpaint},
+                load_pretrained=load_clip_codes if m.code_init == 'clip' else None)
+
+
+def encoder_size(resolution, shorter: int = 256):
+  """The semantic encoder's input: `resolution` scaled down to a shorter side
+  of at most `shorter` (the public code's 256² encoder input)."""
+  h, w = resolution
+  if min(h, w) <= shorter:
+    return (h, w)
+  return (h * shorter // min(h, w), w * shorter // min(h, w))
 
 
 def default_config(resolution, sample_num: int = 4):
@@ -366,7 +517,16 @@ def default_config(resolution, sample_num: int = 4):
       attention_resolutions=(16,), dropout=0.1, channel_mult=(1, 2, 4, 8), num_heads=1,
       num_head_channels=-1, resblock_updown=True, embed_dim=512, pos_channels=64, code_dim=512,
       num_codes=0,  # rows of the code table; 0 = the number of training images
-      remat=False, attn_impl='xla', collage_impl='xla'))
+      remat=False, attn_impl='xla', collage_impl='xla',
+      code_source='table',  # or 'encoder': a semantic encoder of the whole image, trained jointly
+      code_init='random',  # table start; 'clip': CLIP image embeddings of the training images
+      clip_checkpoint='',  # for code_init=clip: OpenAI's ViT-B-16.pt (or open_clip .bin/.safetensors)
+      clip_preset='ViT-B-16-quickgelu',  # its architecture and activation; '' = read off an OpenAI .pt
+      # Diff-AE's half UNet as the public code builds it; the image is resized to `size` first.
+      encoder=ml_collections.ConfigDict(dict(
+          size=encoder_size(resolution), model_channels=64, channel_mult=(1, 2, 4, 8, 8), num_res_blocks=2,
+          attention_resolutions=(16,), dropout=0.1, num_heads=1, num_head_channels=-1,
+          resblock_updown=True))))
   c.diffusion = ml_collections.ConfigDict(dict(
       noise_schedule='linear', num_timesteps=1000, learn_sigma=False,
       code_drop=0.1, pos_drop=0.5))  # classifier-free dropout of the code / the position
@@ -400,6 +560,9 @@ def tiny(c, resolution=(32, 64)):
   c.data.resolution = tuple(resolution)
   c.model.update(patch_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                  attention_resolutions=(8,), embed_dim=64, pos_channels=16, code_dim=32)
+  size = encoder_size(resolution, min(resolution) // 2)
+  c.model.encoder.update(size=size, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                         attention_resolutions=(size[0] // 2,))
   c.sampler.steps = 5
   c.latent.update(num_layers=3, hidden=64, batch_size=16, sample_steps=5)
   c.sample.num = 2
