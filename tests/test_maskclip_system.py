@@ -32,7 +32,7 @@ def trained(tmp_path_factory):
   return root, workdir
 
 
-def test_eval_and_segment_write_their_outputs(trained):
+def test_eval_segment_zero_proposals_and_a_cli_mistake(trained):
   root, workdir = trained
   result = run_main(f'--config={TINY}', f'--workdir={workdir}', '--mode=eval', '--config.eval.max_images=3',
                     check=True)
@@ -56,6 +56,9 @@ def test_eval_and_segment_write_their_outputs(trained):
   assert Image.open(os.path.join(out, 'overlay.png')).size == (128, 96)
   written = {os.path.splitext(n)[0] for n in os.listdir(os.path.join(out, 'masks'))}
   assert written and written <= set(CLASSES.split(','))
+  # In the same test: the trained model is built once per run (and once per xdist worker).
+  _check_zero_proposals_give_a_defined_empty_result(root, workdir)
+  _check_cli_mistake_exits_2_with_one_sentence_and_writes_nothing(root, workdir)
 
 
 def _segment(workdir, **overrides):
@@ -84,8 +87,7 @@ def test_segment_inputs_refuse_bad_input(tmp_path, overrides, message):
     maskclip.segment_inputs(config)
 
 
-def test_segment_cli_mistake_exits_2_with_one_sentence_and_writes_nothing(trained):
-  root, workdir = trained
+def _check_cli_mistake_exits_2_with_one_sentence_and_writes_nothing(root, workdir):
   before = sorted(os.listdir(workdir))
   result = run_main(f'--config={TINY}', f'--workdir={workdir}', '--mode=segment',
                     '--config.classes=sky,circle,sky', f'--config.image={root / "shapes.png"}',
@@ -95,8 +97,7 @@ def test_segment_cli_mistake_exits_2_with_one_sentence_and_writes_nothing(traine
   assert sorted(os.listdir(workdir)) == before
 
 
-def test_zero_proposals_give_a_defined_empty_result(trained):
-  root, workdir = trained
+def _check_zero_proposals_give_a_defined_empty_result(root, workdir):
   seg_data.save_proposals(str(root / 'none.npz'), np.zeros((0, 96, 128), bool))
   Image.open(root / 'shapes.png').save(root / 'empty.png')
   _segment(workdir, classes=CLASSES, image=str(root / 'empty.png'), proposals=str(root / 'none.npz'))

@@ -59,8 +59,7 @@ def _plain_apply(unet, params, x, t, code, pos, keep):
   return out
 
 
-def test_independent_denoiser_is_each_padded_patch_on_its_own(tiny_unet):
-  unet, params = tiny_unet
+def _check_independent_denoiser_is_each_padded_patch_on_its_own(unet, params):
   pos, mask = grid_positions((2, 3), (2, 3))
   denoise = jax.jit(patch_ablations.independent_denoiser(unet, params, pos, mask))
   x = jax.random.normal(jax.random.key(2), (2, 16, 24, 3))
@@ -75,8 +74,11 @@ def test_independent_denoiser_is_each_padded_patch_on_its_own(tiny_unet):
   assert changed[:, :4, :4].any() and not changed[:, 4:].any() and not changed[:, :, 4:].any()
 
 
-def test_pixel_shift_alternates_between_the_padded_and_the_unshifted_grid(tiny_unet):
+def test_independent_and_pixel_shift_denoisers(tiny_unet):
+  """One test, so the tiny UNet compiles once per run."""
   unet, params = tiny_unet
+  _check_independent_denoiser_is_each_padded_patch_on_its_own(unet, params)
+  # Pixel shift alternates between the padded and the unshifted grid.
   pos, mask = grid_positions((2, 3), (2, 3))
   timesteps = np.array([999, 666, 333, 0])
   denoise = jax.jit(patch_ablations.pixel_shift_denoiser(unet, params, pos, mask, timesteps))
