@@ -60,7 +60,8 @@ SEAM_SAMPLES = 8
 SEAM_OVERRIDES = ('data.resolution=64,128', 'sample.size=64,128', f'total_steps={SEAM_STEPS}',
                   'batch_size=16', 'latent.enabled=false', 'optimizer.learning_rate=2e-4',
                   'optimizer.ema_decay=0.999', 'log_every=100', 'ckpt_every=500', 'sample_every=0',
-                  f'sample.num={SEAM_SAMPLES}', 'sampler.steps=50',
+                  # Raw parameters: after 2000 steps an EMA of 0.999 still holds 13.5% of the init.
+                  f'sample.num={SEAM_SAMPLES}', 'sampler.steps=50', 'sample.use_ema=false',
                   'sample.code_index=' + ','.join(str(i) for i in range(SEAM_SAMPLES)))
 
 
