@@ -81,7 +81,8 @@ def test_independent_and_pixel_shift_denoisers(tiny_unet):
   # Pixel shift alternates between the padded and the unshifted grid.
   pos, mask = grid_positions((2, 3), (2, 3))
   timesteps = np.array([999, 666, 333, 0])
-  denoise = jax.jit(patch_ablations.pixel_shift_denoiser(unet, params, pos, mask, timesteps))
+  # Built inside jit, as the recipe's jitted sampler builds it.
+  denoise = jax.jit(lambda *args: patch_ablations.pixel_shift_denoiser(unet, params, pos, mask, timesteps)(*args))
   independent = jax.jit(patch_ablations.independent_denoiser(unet, params, pos, mask))
   x = jax.random.normal(jax.random.key(4), (1, 16, 24, 3))
   code, use = jax.random.normal(jax.random.key(5), (1, 4)), jnp.ones((1,))

@@ -55,8 +55,8 @@ def pixel_shift_denoiser(unet: PatchUNet, params, pos, pos_mask, timesteps):
   `timesteps` are the sampling schedule's model timesteps (the step's parity is
   its index there, so every sampler alternates the same way)."""
   padded_step = independent_denoiser(unet, params, pos, pos_mask)
-  mid, mid_mask = (np.asarray(a) for a in midpoints(jnp.asarray(pos)[None], jnp.asarray(pos_mask)[None]))
-  mid, mid_mask = jnp.asarray(mid[0]), jnp.asarray(mid_mask[0])
+  mid, mid_mask = (a[0] for a in midpoints(jnp.asarray(pos, jnp.float32)[None],
+                                            jnp.asarray(pos_mask, jnp.float32)[None]))
   order = jnp.sort(jnp.asarray(timesteps))
 
   def denoise(x, t, code, use_pos):
