@@ -19,13 +19,7 @@ from visgen_jax.errors import UserError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope='module', autouse=True)
-def cache(tmp_path_factory):
-  """A private VISGEN_CACHE shared by this module's tests."""
-  path = str(tmp_path_factory.mktemp('cache'))
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv('VISGEN_CACHE', path)
-    yield path
+pytestmark = pytest.mark.usefixtures('private_cache')
 
 
 def data_config(**overrides):

@@ -22,13 +22,7 @@ build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def cache(tmp_path_factory):
-  """A private VISGEN_CACHE shared by this module's tests."""
-  path = str(tmp_path_factory.mktemp('cache'))
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv('VISGEN_CACHE', path)
-    yield path
+pytestmark = pytest.mark.usefixtures('private_cache')
 
 
 def seg_config(**overrides):
