@@ -2,7 +2,7 @@
 
 The public code trains these with classifier-free guidance (weight 0.5) and a
 semantic encoder of the whole image trained jointly (model.code_source=encoder),
-whose codes the latent DPM learns without z-normalisation.
+whose codes the latent DPM learns (raw, as all the public Patch-DM latents).
 
   python -m visgen_jax.main --config=configs/patchdm_256.py:tiny --workdir=/tmp/patchdm256_tiny
   python -m visgen_jax.main --config=configs/patchdm_256.py --workdir=DIR \\
@@ -18,7 +18,6 @@ def get_config(arg=None):
   c.data.name = 'sample_faces'
   c.sampler.guidance_scale = 0.5
   c.model.code_source = 'encoder'
-  c.latent.znormalize = False
   if arg == 'tiny':
     patchdm.tiny(c, (32, 32))
   elif arg:

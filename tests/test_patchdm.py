@@ -19,6 +19,7 @@ from visgen_jax.models.latent_mlp import LatentMLP
 from visgen_jax.models.patch_unet import (
     PatchUNet, collage_denoiser, from_patches, grid_positions, streaming_denoiser, to_patches)
 from visgen_jax.systems import patchdm
+from visgen_jax.train import checkpoint, trainer
 from visgen_jax.train import config as config_lib
 
 TINY = 'configs/patchdm_1k.py:tiny'
@@ -216,6 +217,8 @@ def test_sampling_at_a_size_never_trained_has_that_shape():
     (['sample.stream_rows=3'], ['stream_rows=3', 'divide']),
     (['latent.loss_type=huber'], ['latent.loss_type', 'huber']),
     (['latent.sample_steps=0'], ['latent.sample_steps']),
+    (['latent.stage=third'], ['latent.stage', 'third']),
+    (['latent.stage=second', 'latent.first_stage=/nonexistent'], ['latent.first_stage', '/nonexistent']),
 ])
 def test_bad_input_is_a_user_error(overrides, words):
   with pytest.raises(UserError) as e:
@@ -234,11 +237,22 @@ def test_outpainting_an_input_that_fills_the_canvas_is_refused_before_writing(tm
   assert not (tmp_path / 'run').exists()
 
 
-def test_cli_trains_and_outpaints(tmp_path):
+def test_cli_trains_outpaints_and_a_second_stage_trains_only_the_latent_dpm(tmp_path):
   workdir = tmp_path / 'run'
   run_main(f'--config={TINY}', f'--workdir={workdir}', '--config.total_steps=2', '--config.sample_every=0',
            '--config.ckpt_every=2', check=True)
   assert (workdir / 'checkpoints' / '2').is_dir()
+
+  second = tiny_config('latent.stage=second', f'latent.first_stage={workdir}', 'total_steps=2',
+                       'sample_every=0', 'optimizer.learning_rate=1e-2')
+  state = trainer.train(second, str(tmp_path / 'latent'))
+  first = checkpoint.restore_latest_params(str(workdir / 'checkpoints'), ema=True)
+  for name in ('unet', 'codes'):  # the first run's EMA weights, frozen
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state['params'][name]), first[name])
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state['params']['latent'], first['latent'])
+  assert min(jax.tree.leaves(moved)) > 0  # every latent weight trained
+  with pytest.raises(UserError, match='does not hold'):
+    patchdm.make(tiny_config('latent.stage=second', f'latent.first_stage={workdir}', 'model.code_dim=16'))
   centre = tmp_path / 'centre.png'
   Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(centre)
   run_main(f'--config={TINY}', f'--workdir={workdir}', '--mode=outpaint', '--config.sample.size=32,64',

@@ -89,7 +89,7 @@ def test_clip_init_puts_the_clip_embedding_of_image_i_in_row_i(clip_file):
     (['model.code_init=clip', 'model.clip_checkpoint=/no/such.pt'], ['clip_checkpoint', '/no/such.pt']),
     (['model.code_init=pca'], ['code_init', 'pca']),
     (['model.code_source=vae'], ['code_source', 'vae']),
-    (['model.code_source=encoder'], ['latent.znormalize=false']),
+    (['model.code_source=encoder', 'latent.znormalize=true'], ['latent.znormalize=false']),
     (['model.code_source=encoder', 'latent.znormalize=false', 'model.code_init=clip'], ['code_init']),
     (['model.code_source=encoder', 'latent.znormalize=false', 'latent.enabled=false'], ['latent.enabled']),
     (['model.code_source=encoder', 'latent.znormalize=false', 'sample.code_index=0,1'], ['code_index']),

@@ -33,13 +33,22 @@ the code with probability diffusion.code_drop, the position embedding with
 diffusion.pos_drop.
 
 Latent DPM (latent.*): ε-prediction with an L1 loss on a constant-β schedule
-(const0.008), over codes z-normalised by the table's per-dimension mean and
-std. The public code trains it in a second stage on the finished table; here
-it trains in the same steps on stop_gradient(codes) (latent.batch_size random
-table rows each step, or the batch's encoder codes; its loss added with weight
-latent.loss_weight), so one run and one checkpoint carry both and the UNet's
-gradients are untouched. `sample` draws codes with DDIM (latent.sample_steps)
-unless sample.code_index picks table rows.
+(const0.008) over the codes (latent.batch_size random table rows each step, or
+the batch's encoder codes), raw as the public code's train_latent.py
+(latent.znormalize=true: z-normalised by the table's per-dimension mean and
+std, Diff-AE's default). Two ways to train it (latent.stage):
+  'joint'  — in the same steps as the UNet on stop_gradient(codes), its loss
+             added with weight latent.loss_weight: one run and one checkpoint
+             carry both, the UNet's gradients are untouched.
+  'second' — the paper's second stage: a run of its own (a new workdir) that
+             starts from the finished first run (latent.first_stage = its
+             workdir, trained with latent.enabled=false or joint) and trains
+             only the latent DPM, on the first run's EMA (sample.use_ema) table
+             or encoder (eval mode, on the batch's images); UNet, codes and
+             encoder are frozen copies, so the second workdir samples alone.
+             Public code: batch 512, AdamW (weight decay 0.01), 60M samples.
+`sample` draws codes with DDIM (latent.sample_steps) unless sample.code_index
+picks table rows.
 
 sample.stream_rows=R > 0 denoises each step in bands of R patch rows
 (`streaming_denoiser`): the same images, with memory that grows with the width.
@@ -70,11 +79,12 @@ from visgen_jax.models.semantic_encoder import SemanticEncoder
 from visgen_jax.systems import System
 from visgen_jax.systems.adm import sampler_setup
 from visgen_jax.train import logging as vlog
-from visgen_jax.train import sharding
+from visgen_jax.train import checkpoint, sharding
 from visgen_jax.train.config import base_config
 
 
 CODE_SOURCES = ('table', 'encoder')
+LATENT_STAGES = ('joint', 'second')
 CODE_INITS = ('random', 'clip')
 # config.model keys of the code table / encoder, not PatchUNet fields.
 CODE_KEYS = ('num_codes', 'code_source', 'code_init', 'clip_checkpoint', 'clip_preset', 'encoder')
@@ -269,8 +279,8 @@ def load_image(path: str, key: str):
 def make(config) -> System:
   m = config.model
   patch = m.patch_size
-  train_grid = patch_grid(folder.parse_resolution(config.data.resolution, 'data.resolution'), patch,
-                          'data.resolution')
+  train_hw = folder.parse_resolution(config.data.resolution, 'data.resolution')
+  train_grid = patch_grid(train_hw, patch, 'data.resolution')
   sample_hw = tuple(config.sample.size)
   if len(sample_hw) != 2:
     raise UserError(f'config.sample.size={sample_hw} must be H,W.')
@@ -326,6 +336,11 @@ def make(config) -> System:
     if lat.znormalize and rows < 2:
       raise UserError(f'config.latent.znormalize needs at least 2 codes to estimate their spread; the '
                       f'table has {rows}. Set latent.znormalize=false or add training images.')
+    if lat.stage not in LATENT_STAGES:
+      raise UserError(f'config.latent.stage={lat.stage!r} is unknown; allowed: {", ".join(LATENT_STAGES)}.')
+    if lat.stage == 'second' and not os.path.isdir(os.path.join(lat.first_stage, 'checkpoints')):
+      raise UserError(f"config.latent.stage='second' starts from a finished Patch-DM run: set "
+                      f"config.latent.first_stage to its workdir (one with checkpoints/); got {lat.first_stage!r}.")
     latent = make_latent(config)
     latent_base = schedules.make_schedule(lat.noise_schedule, lat.num_timesteps)
     latent_sample_schedule = schedules.respace(latent_base, f'ddim{lat.sample_steps}')
@@ -352,6 +367,18 @@ def make(config) -> System:
       params['latent'] = latent.init(latent_key, jnp.zeros((1, m.code_dim)), jnp.zeros((1,), jnp.int32))['params']
     return params
 
+  def encode(params, x0, key, train=True):
+    """The semantic encoder's codes [B, code_dim] of whole training images."""
+    b, h, w, c = x0.shape
+    whole = x0 if (h, w) == encoder_hw else jax.image.resize(x0, (b, *encoder_hw, c), 'linear')
+    return encoder.apply({'params': params['encoder']}, whole, train=train, rngs={'dropout': key})
+
+  def latent_term(params, codes, key):
+    """The latent DPM's mean loss on the table (random rows) or on a batch's encoder codes."""
+    return latent_loss(latent, latent_base, params['latent'], codes, key,
+                       batch_size=None if encoder_hw else lat.batch_size, loss_type=lat.loss_type,
+                       znormalize=lat.znormalize).mean()
+
   def loss_fn(params, batch, key):
     x0 = batch['image']
     b, h, w, c = x0.shape
@@ -375,9 +402,7 @@ def make(config) -> System:
 
     if encoder_hw:
       # A key of its own: the same dropout key would give the encoder the UNet's dropout masks.
-      whole = x0 if (h, w) == encoder_hw else jax.image.resize(x0, (b, *encoder_hw, c), 'linear')
-      codes = encoder.apply({'params': params['encoder']}, whole, train=True,
-                            rngs={'dropout': jax.random.fold_in(dropout_key, 1)})
+      codes = encode(params, x0, jax.random.fold_in(dropout_key, 1))
     else:
       codes = params['codes'][batch['index']]
     code_u, pos_u = jax.random.uniform(drop_key, (2, b))
@@ -391,12 +416,26 @@ def make(config) -> System:
     loss = (mse_collage + mse_plain).mean()
     metrics = {'mse_collage': mse_collage.mean(), 'mse_plain': mse_plain.mean()}
     if lat.enabled:
-      metrics[f'latent_{lat.loss_type}'] = latent_loss(
-          latent, latent_base, params['latent'], codes if encoder_hw else params['codes'], latent_key,
-          batch_size=None if encoder_hw else lat.batch_size, loss_type=lat.loss_type,
-          znormalize=lat.znormalize).mean()
+      metrics[f'latent_{lat.loss_type}'] = latent_term(params, codes if encoder_hw else params['codes'], latent_key)
       loss = loss + lat.loss_weight * metrics[f'latent_{lat.loss_type}']
     return loss, metrics
+
+  def second_stage_loss_fn(params, batch, key):
+    """The latent DPM alone, on the frozen first stage's codes."""
+    encoder_key, latent_key = jax.random.split(key)
+    codes = encode(params, batch['image'], encoder_key, train=False) if encoder_hw else params['codes']
+    value = latent_term(params, codes, latent_key)
+    return value, {f'latent_{lat.loss_type}': value}
+
+  def load_first_stage(params):
+    """params with everything but the latent DPM taken from latent.first_stage's latest checkpoint."""
+    first = checkpoint.restore_latest_params(first_stage_dir, config.sample.use_ema)
+    return dict(params, **{k: v for k, v in first.items() if k != 'latent'})
+
+  def load_pretrained(params):
+    if lat.enabled and lat.stage == 'second':
+      return load_first_stage(params)
+    return dict(params, codes=clip_code_table(config, rows))
 
   def codes_for(params, key, n):
     """The picked table rows; else codes drawn by the latent DPM; else random rows."""
@@ -478,12 +517,24 @@ def make(config) -> System:
                       'everything; mark only the regions to fill in white.')
     edit(params, key, workdir, image, mask, 'inpaint')
 
-  def load_clip_codes(params):
-    return dict(params, codes=clip_code_table(config, rows))
-
-  return System(init=init, loss_fn=loss_fn, sample=sample,
+  second_stage = lat.enabled and lat.stage == 'second'
+  if second_stage:
+    first_stage_dir = os.path.join(lat.first_stage, 'checkpoints')
+    example = {'image': jnp.zeros((1, *train_hw, m.in_channels)), 'index': jnp.zeros((1,), jnp.int32)}
+    frozen = {k: v for k, v in jax.eval_shape(init, jax.random.key(0), example).items() if k != 'latent'}
+    saved = checkpoint.latest_params_shapes(first_stage_dir, config.sample.use_ema) or {}
+    if {k: saved.get(k) for k in frozen} != jax.tree.map(lambda x: tuple(x.shape), frozen):
+      raise UserError(f'config.latent.first_stage={lat.first_stage!r}: its latest checkpoint does not hold '
+                      "this config's Patch-DM (model.* and the training data must be the first run's).")
+  return System(init=init, loss_fn=second_stage_loss_fn if second_stage else loss_fn, sample=sample,
                 commands={'outpaint': outpaint, 'inpaint': inpaint},
-                load_pretrained=load_clip_codes if m.code_init == 'clip' else None)
+                trainable=latent_only if second_stage else None,
+                load_pretrained=load_pretrained if second_stage or m.code_init == 'clip' else None)
+
+
+def latent_only(params):
+  """The second stage's trainable mask: the latent DPM only."""
+  return {k: jax.tree.map(lambda _: k == 'latent', v) for k, v in params.items()}
 
 
 def encoder_size(resolution, shorter: int = 256):
@@ -544,7 +595,9 @@ def default_config(resolution, sample_num: int = 4):
       enabled=True, num_layers=10, hidden=2048, time_channels=64, dropout=0.0,
       noise_schedule='const0.008', num_timesteps=1000, loss_type='l1',
       batch_size=512, loss_weight=1.0, sample_steps=50,
-      znormalize=True))  # codes → (codes - mean) / std per dimension, over the table
+      znormalize=False,  # True: codes → (codes - mean) / std per dimension, over the table
+      stage='joint',  # or 'second': train only the latent DPM on the finished run at first_stage
+      first_stage=''))
   c.edit = ml_collections.ConfigDict(dict(input='', mask='', jump_length=1, resamples=1))
   return c
 
