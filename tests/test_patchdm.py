@@ -237,22 +237,11 @@ def test_outpainting_an_input_that_fills_the_canvas_is_refused_before_writing(tm
   assert not (tmp_path / 'run').exists()
 
 
-def test_cli_trains_outpaints_and_a_second_stage_trains_only_the_latent_dpm(tmp_path):
+def test_cli_trains_and_outpaints(tmp_path):
   workdir = tmp_path / 'run'
   run_main(f'--config={TINY}', f'--workdir={workdir}', '--config.total_steps=2', '--config.sample_every=0',
            '--config.ckpt_every=2', check=True)
   assert (workdir / 'checkpoints' / '2').is_dir()
-
-  second = tiny_config('latent.stage=second', f'latent.first_stage={workdir}', 'total_steps=2',
-                       'sample_every=0', 'optimizer.learning_rate=1e-2')
-  state = trainer.train(second, str(tmp_path / 'latent'))
-  first = checkpoint.restore_latest_params(str(workdir / 'checkpoints'), ema=True)
-  for name in ('unet', 'codes'):  # the first run's EMA weights, frozen
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state['params'][name]), first[name])
-  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state['params']['latent'], first['latent'])
-  assert min(jax.tree.leaves(moved)) > 0  # every latent weight trained
-  with pytest.raises(UserError, match='does not hold'):
-    patchdm.make(tiny_config('latent.stage=second', f'latent.first_stage={workdir}', 'model.code_dim=16'))
   centre = tmp_path / 'centre.png'
   Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(centre)
   run_main(f'--config={TINY}', f'--workdir={workdir}', '--mode=outpaint', '--config.sample.size=32,64',
@@ -262,6 +251,29 @@ def test_cli_trains_outpaints_and_a_second_stage_trains_only_the_latent_dpm(tmp_
   image = np.asarray(Image.open(workdir / 'outpaint' / outs[0]))
   assert image.shape == (32, 64, 3)
   np.testing.assert_array_equal(image[:, 16:48], 200)  # the known centre is kept exactly
+
+
+def test_second_stage_trains_only_the_latent_dpm_on_the_first_runs_ema_weights(tmp_path):
+  # A first run's checkpoint without training it: random weights, EMA different from raw.
+  first_config = tiny_config('latent.enabled=false')
+  batch = {'image': jnp.zeros((1, 32, 64, 3)), 'index': jnp.zeros((1,), jnp.int32)}
+  shapes = jax.eval_shape(patchdm.make(first_config).init, jax.random.key(0), batch)
+  first = {'params': random_params(shapes, seed=1), 'ema_params': random_params(shapes, seed=2)}
+  saver = checkpoint.Checkpointer(str(tmp_path / 'first' / 'checkpoints'), 1)
+  saver.save(5, first, {})
+  saver.close()
+
+  second = tiny_config('latent.stage=second', f'latent.first_stage={tmp_path / "first"}', 'total_steps=2',
+                       'sample_every=0', 'optimizer.learning_rate=1e-2')
+  state = jax.device_get(trainer.train(second, str(tmp_path / 'latent')))
+  for name in ('unet', 'codes'):  # the first run's EMA weights, frozen
+    for tree in ('params', 'ema_params'):
+      jax.tree.map(np.testing.assert_array_equal, state[tree][name], jax.device_get(first['ema_params'][name]))
+  # Every latent weight trained: two Adam steps of 1e-2 move each by about 2e-2, the EMA (0.99) far less.
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), state['params']['latent'], state['ema_params']['latent'])
+  assert min(jax.tree.leaves(moved)) > 1e-3
+  with pytest.raises(UserError, match='does not hold'):
+    patchdm.make(tiny_config('latent.stage=second', f'latent.first_stage={tmp_path / "first"}', 'model.code_dim=16'))
 
 
 @pytest.mark.parametrize('mask_value, what', [(255, 'covers everything'), (0, 'nothing to inpaint')])
