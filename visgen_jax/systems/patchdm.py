@@ -433,7 +433,7 @@ def make(config) -> System:
     return dict(params, **{k: v for k, v in first.items() if k != 'latent'})
 
   def load_pretrained(params):
-    if lat.enabled and lat.stage == 'second':
+    if second_stage:
       return load_first_stage(params)
     return dict(params, codes=clip_code_table(config, rows))
 
