@@ -45,30 +45,42 @@ def check_on_devices() -> dict:
                                               jnp.zeros((1, 2, 2, 2)), jnp.zeros((1, 8)), decode='both'),
                           jax.random.key(0))['params']
   params = random_params(shapes)
-  # Two mesh axes, split together: the rows go over all 8 devices.
   mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ('data', 'fsdp'))
   result = {'cases': []}
-  # 8 rows: 8 divides them, so the last device encodes the bottom padding row itself.
-  # 29 rows: 4 per device (3 dummy rows), in bands of 2; positions beyond the trained grid masked.
-  for rows, band, positions in ((8, 0, 'interpolate'), (29, 2, 'extend')):
+  # 8 rows over both mesh axes (8 devices): 8 divides them, so the last device encodes the bottom
+  # padding row itself. 29 rows: 4 per device (3 dummy rows), in bands of 2; positions beyond the
+  # trained grid masked. 8 rows over fsdp (4 devices, 2 each), one image per data device.
+  for rows, band, positions, batch_axes in ((8, 0, 'interpolate', ()), (29, 2, 'extend', ()),
+                                            (8, 0, 'interpolate', 'data')):
     pos, mask = grid_positions((rows, 2), (4, 2), positions)
     rng = np.random.default_rng(rows)
     args = (jnp.asarray(rng.normal(size=(2, rows * 8, 16, 3)), jnp.float32), jnp.array([5, 700]),
             jnp.asarray(rng.normal(size=(2, 8)), jnp.float32), jnp.array([1.0, 0.0]))
     whole = jax.jit(collage_denoiser(unet, params, pos, mask))(*args)
-    lowered = jax.jit(sharded_denoiser(unet, params, pos, mask, mesh, band_rows=band)).lower(*args)
+    lowered = jax.jit(sharded_denoiser(unet, params, pos, mask, mesh, band_rows=band,
+                                       batch_axes=batch_axes)).lower(*args)
     sharded = lowered.compile()(*args)
     result['cases'].append({
         'rows': rows, 'band': band, 'max_diff': float(jnp.abs(sharded - whole).max()),
         'mean_abs': float(jnp.abs(whole).mean()), 'permuted': permuted_bytes(lowered.as_text()),
-        'halo': halo_bytes(unet, params, 2, 3)})
+        'halo': halo_bytes(unet, params, 1 if batch_axes else 2, 3), 'images_per_device': 1 if batch_axes else 2})
 
-  # The recipe: --mode=sample with sample.shard_rows splits the rows over config.mesh's devices.
-  config = config_lib.load_config(TINY, ['sample.shard_rows=True', 'sample.size=64,64', 'sampler.steps=2'])
-  system = patchdm.make(config)
+  # The recipe: --mode=sample with sample.shard_rows splits the rows over config.mesh's fsdp × model
+  # devices and the images over data; it samples what one device samples.
+  overrides = ['sample.size=64,64', 'sampler.steps=2', 'sample.num=2']
+  on_mesh = ['sample.shard_rows=True', 'mesh.data=2', 'mesh.model=4']
+  system = patchdm.make(config_lib.load_config(TINY, overrides + on_mesh))
   batch = {'image': jnp.zeros((4, 32, 64, 3)), 'index': jnp.zeros((4,), jnp.int32)}
-  params = jax.eval_shape(system.init, jax.random.key(0), batch)
-  result['recipe_permuted'] = permuted_bytes(system.sample.lower(params, jax.random.key(1)).as_text())
+  params = random_params(jax.eval_shape(system.init, jax.random.key(0), batch))
+  lowered = system.sample.lower(params, jax.random.key(1))
+  result['recipe_permuted'] = permuted_bytes(lowered.as_text())
+  one_device = patchdm.make(config_lib.load_config(TINY, overrides)).sample(params, jax.random.key(1))
+  result['recipe_max_diff'] = float(jnp.abs(lowered.compile()(params, jax.random.key(1)) - one_device).max())
+  result['recipe_mean_abs'] = float(jnp.abs(one_device).mean())
+  try:
+    patchdm.make(config_lib.load_config(TINY, on_mesh + ['sample.num=3']))
+  except UserError as e:
+    result['recipe_odd_batch_error'] = str(e)
   return result
 
 
@@ -90,15 +102,20 @@ def test_sharded_step_equals_the_one_device_step(on_8_devices):
 
 def test_only_one_row_of_features_per_level_crosses_devices(on_8_devices):
   for case in on_8_devices['cases']:
-    # The upper half of one patch row (3 patches) of 2 images, float32: the bottleneck (4x4x64), then
-    # the skips as the decoder takes them: ResBlock 4x4x64, Downsample 4x4x32, ResBlock 8x8x32, conv_in.
-    assert case['halo'] == [2 * 3 * 4 * n // 2 for n in (4 * 4 * 64, 4 * 4 * 64, 4 * 4 * 32, 8 * 8 * 32,
-                                                          8 * 8 * 32)]
+    # The upper half of one patch row (3 patches) of a device's images, float32: the bottleneck (4x4x64),
+    # then the skips as the decoder takes them: ResBlock 4x4x64, Downsample 4x4x32, ResBlock 8x8x32, conv_in.
+    assert case['halo'] == [case['images_per_device'] * 3 * 4 * n // 2
+                            for n in (4 * 4 * 64, 4 * 4 * 64, 4 * 4 * 32, 8 * 8 * 32, 8 * 8 * 32)]
     assert sorted(case['permuted']) == sorted(case['halo']), case
 
 
-def test_recipe_samples_with_the_rows_split(on_8_devices):
+def test_recipe_samples_with_the_rows_and_images_split(on_8_devices):
   assert on_8_devices['recipe_permuted'], 'sample.shard_rows=True did not split the rows'
+  assert on_8_devices['recipe_mean_abs'] > 0.1
+  # Each step's rounding (≤ 1e-5, above) goes through DDIM's x̂₀ = (x − √(1−ᾱ) ε̂) / √ᾱ, which
+  # multiplies it by up to 1/√ᾱ; a wrong image, code or row would differ by ~0.1 or more.
+  assert on_8_devices['recipe_max_diff'] <= 1e-4, on_8_devices['recipe_max_diff']
+  assert 'sample.num=3 images do not split' in on_8_devices['recipe_odd_batch_error']
 
 
 def test_rows_per_device_pads_to_whole_bands():
@@ -121,6 +138,10 @@ def test_bad_sharding_is_a_user_error():
     patchdm.make(config_lib.load_config(TINY, ['sample.shard_rows=True', 'sample.stream_rows=3']))
   with pytest.raises(UserError, match="shard_rows.*patch_mode='independent'"):
     patchdm.make(config_lib.load_config(TINY, ['sample.shard_rows=True', 'sample.patch_mode=independent']))
+  with pytest.raises(UserError, match='fsdp × model axes.*1 device'):
+    patchdm.make(config_lib.load_config(TINY, ['sample.shard_rows=True']))
+  with pytest.raises(UserError, match=r"axes \['data'\] split both"):
+    sharded_denoiser(None, None, pos, mask, mesh, axes='data', batch_axes='data')
 
 
 if __name__ == '__main__':

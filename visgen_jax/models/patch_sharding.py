@@ -12,6 +12,9 @@ its own rows from its features plus the halo. No other features cross devices; t
 image itself (C channels) is split and put together around the `shard_map`
 wherever XLA places it.
 
+The images can be split too (`batch_axes`, e.g. the mesh's data axis): each
+group of images is denoised by its own devices, with its own row split.
+
 Rows that do not divide: the grid is padded with dummy rows of zeros at
 masked positions, so any size works. A dummy row only feeds output rows past
 N1 (each patch is encoded alone, each output row reads two encoder rows),
@@ -70,27 +73,37 @@ def halo_bytes(unet: PatchUNet, params, batch: int, cols: int) -> list[int]:
   return [math.prod(f.shape) // 2 * f.dtype.itemsize for f in [bottleneck, *reversed(skips)]]
 
 
-def sharded_denoiser(unet: PatchUNet, params, pos, pos_mask, mesh, axes=None, band_rows: int = 0):
-  """`collage_denoiser` with the patch rows split over the devices of `mesh`.
+def sharded_denoiser(unet: PatchUNet, params, pos, pos_mask, mesh, axes=None, band_rows: int = 0,
+                     batch_axes=()):
+  """`collage_denoiser` with the patch rows split over the devices of `mesh`,
+  and the images over `batch_axes`.
 
   Args:
     unet, params, pos, pos_mask: as for `collage_denoiser` (pos [N1+1, N2+1, 2]
       and pos_mask [N1+1, N2+1] from `grid_positions`).
     mesh: a `jax.sharding.Mesh`.
     axes: the mesh axis name (or tuple of names) the rows are split over;
-      default all of them. The other axes repeat the work.
+      default all but `batch_axes`. Axes in neither repeat the work.
     band_rows: 0 runs a device's rows at once; > 0 in bands of that many rows.
+    batch_axes: the mesh axis name (or tuple) the images are split over; the
+      batch must divide by their size. Each group of images has its own row
+      split: halos cross only between devices of the same images.
 
   Returns:
     denoise_fn(x [B, H, W, C], t [B], code [B, code_dim], use_pos [B]) →
     [B, H, W, C], to be called inside `jax.jit`.
   """
-  axes = tuple(mesh.axis_names) if axes is None else axes
+  batch_axes = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
+  axes = tuple(a for a in mesh.axis_names if a not in batch_axes) if axes is None else axes
   names = axes if isinstance(axes, tuple) else (axes,)
-  unknown = [a for a in names if a not in mesh.axis_names]
+  unknown = [a for a in names + batch_axes if a not in mesh.axis_names]
   if unknown:
     raise UserError(f'sharded_denoiser: axes {unknown} are not in the mesh {tuple(mesh.axis_names)}.')
+  if set(names) & set(batch_axes):
+    raise UserError(f'sharded_denoiser: axes {sorted(set(names) & set(batch_axes))} split both the rows '
+                    'and the batch; give each mesh axis to one of them.')
   devices = math.prod(mesh.shape[a] for a in names)
+  image_groups = math.prod(mesh.shape[a] for a in batch_axes)
   rows = pos.shape[0] - 1
   r = rows_per_device(rows, devices, band_rows)
   band = band_rows or r
@@ -150,15 +163,19 @@ def sharded_denoiser(unet: PatchUNet, params, pos, pos_mask, mesh, axes=None, ba
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
   def denoise(x, t, code, use_pos):
+    if x.shape[0] % image_groups:
+      raise UserError(f'sharded_denoiser: {x.shape[0]} images do not split over the {image_groups} devices '
+                      f'of the batch axes {batch_axes}.')
     dummy = max(devices * r - rows - 1, 0) * unet.patch_size
     padded = jnp.pad(x, ((0, 0), (half, half + dummy), (half, half), (0, 0)))
     patches = to_patches(padded, unet.patch_size)
     extra_row = patches[:, rows:] if extra else None
     own = patches[:, :devices * r]
+    images = batch_axes or None
     out = jax.shard_map(
         device_step, mesh=mesh,
-        in_specs=(P(), P(None, axes), P(), P(axes), P(axes), P(), P(), P()),
-        out_specs=P(None, axes))(params, own, extra_row, pos_dev, mask_dev, t, code, use_pos)
+        in_specs=(P(), P(images, axes), P(images), P(axes), P(axes), P(images), P(images), P(images)),
+        out_specs=P(images, axes))(params, own, extra_row, pos_dev, mask_dev, t, code, use_pos)
     return from_patches(out[:, :rows]).astype(jnp.float32)
 
   return denoise

@@ -52,9 +52,10 @@ picks table rows.
 
 sample.stream_rows=R > 0 denoises each step in bands of R patch rows
 (`streaming_denoiser`): the same images, with memory that grows with the width.
-sample.shard_rows=True splits the patch rows over all devices of config.mesh
-(`sharded_denoiser`, neighbours exchange one row of features per level); with
-stream_rows, each device goes through its rows in bands.
+sample.shard_rows=True splits the patch rows over the fsdp × model devices of
+config.mesh and the images over its data axis (`sharded_denoiser`, neighbours
+exchange one row of features per level); with stream_rows, each device goes
+through its rows in bands.
 """
 
 import os
@@ -312,11 +313,6 @@ def make(config) -> System:
     raise UserError(f'config.sample.stream_rows={stream} must be 0 (all patch rows at once) or a band '
                     'height in patch rows.')
   shard_rows = config.sample.shard_rows
-  if shard_rows:
-    mesh = sharding.make_mesh(config.mesh)
-    rows_per_device(sample_grid[0], mesh.size, stream)
-  elif stream:
-    check_band_rows(sample_grid[0], stream)
   patch_mode = check_patch_mode(config.sample.patch_mode)
   if stream and patch_mode != 'collage':
     raise UserError(f'config.sample.stream_rows streams the feature collage; sample.patch_mode='
@@ -324,6 +320,19 @@ def make(config) -> System:
   if shard_rows and patch_mode != 'collage':
     raise UserError(f'config.sample.shard_rows splits the feature collage over devices; sample.patch_mode='
                     f'{patch_mode!r} is an ablation on one device: set one of them to its default.')
+  if shard_rows:
+    mesh = sharding.make_mesh(config.mesh)
+    row_devices = mesh.shape['fsdp'] * mesh.shape['model']
+    rows_per_device(sample_grid[0], row_devices, stream)
+    if row_devices == 1:
+      raise UserError("config.sample.shard_rows splits the patch rows over config.mesh's fsdp × model axes "
+                      '(the images over data), which have 1 device here; set e.g. --config.mesh.data=1 '
+                      '--config.mesh.model=-1.')
+    if config.sample.num % mesh.shape['data']:
+      raise UserError(f"config.sample.num={config.sample.num} images do not split over config.mesh's data "
+                      f'axis of {mesh.shape["data"]} devices with sample.shard_rows; give a multiple of it.')
+  elif stream:
+    check_band_rows(sample_grid[0], stream)
   lat = config.latent
   if lat.enabled:
     if lat.loss_type not in losses.LOSS_TYPES:
@@ -454,7 +463,7 @@ def make(config) -> System:
       options.update(cfg_weight=guidance, uncond={'code': 0.0, 'use_pos': 0.0})
     cond = {'code': codes_for(params, code_key, n), 'use_pos': jnp.ones((n,))}
     if shard_rows:
-      denoise = sharded_denoiser(unet, params['unet'], pos, pos_mask, mesh, band_rows=stream)
+      denoise = sharded_denoiser(unet, params['unet'], pos, pos_mask, mesh, ('fsdp', 'model'), stream, 'data')
     elif stream:
       denoise = streaming_denoiser(unet, params['unet'], pos, pos_mask, stream)
     elif patch_mode == 'independent':
@@ -587,7 +596,7 @@ def default_config(resolution, sample_num: int = 4):
   c.sample.positions = 'interpolate'  # or 'extend': beyond the trained grid, no position there
   c.sample.code_index = ()  # rows of the code table, one per image; () = drawn by the latent DPM
   c.sample.stream_rows = 0  # > 0: denoise in bands of this many patch rows (memory ~ width)
-  c.sample.shard_rows = False  # True: split the patch rows over all devices of config.mesh
+  c.sample.shard_rows = False  # True: the patch rows over config.mesh's fsdp × model, the images over data
   # The paper's seam ablation: 'independent' patches or 'pixel_shift'ed patch grids instead of collage.
   c.sample.patch_mode = 'collage'
   # The latent DPM over the codes (public code: Diff-AE's MLPSkipNet, L1, const0.008, eps).
