@@ -1,8 +1,12 @@
-"""Running the CLI in a subprocess, as users do."""
+"""Running the CLI in a subprocess, as users do; random weights without an init compile."""
 
 import os
 import subprocess
 import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from visgen_jax.bench import oracles
 
@@ -26,3 +30,13 @@ def import_open_clip():
   pytest.importorskip('torch')
   oracles.declare_torchvision_ops()
   return pytest.importorskip('open_clip')
+
+
+def random_params(shapes, seed=1):
+  """Random weights of the given shapes (no init compile; and zero-initialised
+  output convs would make every output 0)."""
+  paths, tree = jax.tree_util.tree_flatten_with_path(shapes)
+  rng = np.random.default_rng(seed)
+  leaves = [(1.0 if 'scale' in jax.tree_util.keystr(path) else 0.0) + 0.1 * rng.normal(size=leaf.shape)
+            for path, leaf in paths]
+  return tree.unflatten([jnp.asarray(l, jnp.float32) for l in leaves])

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import random_params
 from visgen_jax.errors import UserError
 from visgen_jax.models import patch_ablations
 from visgen_jax.models.patch_unet import PatchUNet, grid_positions, midpoints, to_patches
@@ -44,11 +45,9 @@ def test_patch_borders_per_mode():
 def tiny_unet():
   unet = PatchUNet(**TINY_UNET)
   x = jnp.zeros((1, 2, 2, 8, 8, 3))
-  params = jax.jit(lambda k: unet.init(k, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1, 2, 2, 2)),
-                                       jnp.zeros((1, 4)), decode='both')['params'])(jax.random.key(0))
-  # Give the zero-initialised output conv weights so outputs depend on the input.
-  params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), params)
-  return unet, params
+  shapes = jax.eval_shape(lambda k: unet.init(k, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1, 2, 2, 2)),
+                                              jnp.zeros((1, 4)), decode='both')['params'], jax.random.key(0))
+  return unet, random_params(shapes)
 
 
 @functools.partial(jax.jit, static_argnums=0)

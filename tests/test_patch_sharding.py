@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, random_params
 from visgen_jax.errors import UserError
 from visgen_jax.models.patch_sharding import halo_bytes, rows_per_device, sharded_denoiser
 from visgen_jax.models.patch_unet import PatchUNet, collage_denoiser, grid_positions
@@ -37,7 +37,6 @@ def permuted_bytes(lowered_text: str) -> list[int]:
 
 def check_on_devices() -> dict:
   """The 8-device measurements, as JSON for the test."""
-  from tests.test_patchdm import random_params  # pylint: disable=import-outside-toplevel
   assert jax.device_count() == 8
   unet = PatchUNet(patch_size=8, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                    attention_resolutions=(), embed_dim=32, pos_channels=8, code_dim=8, dropout=0.0)

@@ -11,7 +11,7 @@ import optax
 import pytest
 from PIL import Image
 
-from tests.helpers import run_main
+from tests.helpers import random_params, run_main
 from visgen_jax.errors import UserError
 from visgen_jax.kernels.collage import collage, collage_band
 from visgen_jax.diffusion import schedules
@@ -74,16 +74,6 @@ def unet_and_params():
   shapes = jax.eval_shape(lambda k: unet.init(k, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1, 2, 2, 2)),
                                               jnp.zeros((1, 8)), decode='both'), jax.random.key(0))['params']
   return unet, random_params(shapes)
-
-
-def random_params(shapes, seed=1):
-  """Random weights of the given shapes (no init compile; and zero-initialised
-  output convs would make every output 0)."""
-  paths, tree = jax.tree_util.tree_flatten_with_path(shapes)
-  rng = np.random.default_rng(seed)
-  leaves = [(1.0 if 'scale' in jax.tree_util.keystr(path) else 0.0) + 0.1 * rng.normal(size=leaf.shape)
-            for path, leaf in paths]
-  return tree.unflatten([jnp.asarray(l, jnp.float32) for l in leaves])
 
 
 def test_patch_unet_is_local_plain_patches_alone_and_collaged_patches_from_their_four_neighbours(unet_and_params):

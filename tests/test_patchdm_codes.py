@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import import_open_clip
-from tests.test_patchdm import random_params
+from tests.helpers import random_params
 from visgen_jax.convert import clip as clip_convert
 from visgen_jax.data import pipeline
 from visgen_jax.diffusion import schedules
