@@ -66,7 +66,7 @@ def check_on_devices() -> dict:
 
   # The recipe: --mode=sample with sample.shard_rows splits the rows over config.mesh's fsdp × model
   # devices and the images over data; it samples what one device samples.
-  overrides = ['sample.size=64,64', 'sampler.steps=2', 'sample.num=2']
+  overrides = ['sample.size=64,64', 'sampler.steps=2', 'sample.num=2', 'latent.enabled=false']
   on_mesh = ['sample.shard_rows=True', 'mesh.data=2', 'mesh.model=4']
   system = patchdm.make(config_lib.load_config(TINY, overrides + on_mesh))
   batch = {'image': jnp.zeros((4, 32, 64, 3)), 'index': jnp.zeros((4,), jnp.int32)}
