@@ -268,6 +268,29 @@ def test_second_stage_trains_only_the_latent_dpm_on_the_first_runs_ema_weights(t
     patchdm.make(tiny_config('latent.stage=second', f'latent.first_stage={tmp_path / "first"}', 'model.code_dim=16'))
 
 
+def test_second_stage_with_an_encoder_trains_the_latent_dpm_on_the_frozen_encoders_codes(tmp_path):
+  encoder = 'model.code_source=encoder'
+  batch = {'image': jnp.zeros((2, 32, 64, 3)), 'index': jnp.zeros((2,), jnp.int32)}
+  shapes = jax.eval_shape(patchdm.make(tiny_config(encoder)).init, jax.random.key(0), batch)
+  first = {'params': random_params(shapes, seed=1), 'ema_params': random_params(shapes, seed=2)}
+  saver = checkpoint.Checkpointer(str(tmp_path / 'first' / 'checkpoints'), 1)
+  saver.save(5, first, {})
+  saver.close()
+
+  system = patchdm.make(tiny_config(encoder, 'latent.stage=second', f'latent.first_stage={tmp_path / "first"}'))
+  params = system.load_pretrained(random_params(jax.eval_shape(system.init, jax.random.key(0), batch), seed=3))
+  for name in ('unet', 'encoder'):  # the first run's EMA weights
+    jax.tree.map(np.testing.assert_array_equal, params[name], first['ema_params'][name])
+  trainable = system.trainable(params)
+  assert all(jax.tree.leaves(trainable['latent'])) and not any(jax.tree.leaves(trainable['encoder']))
+  # The codes come from the batch's images through the encoder: other images, another loss.
+  loss = jax.jit(lambda p, images, key: system.loss_fn(p, dict(batch, image=images), key)[0])
+  rng = np.random.default_rng(4)
+  images = [jnp.asarray(rng.uniform(-1, 1, (2, 32, 64, 3)), jnp.float32) for _ in range(2)]
+  key = jax.random.key(5)
+  assert float(loss(params, images[0], key)) != float(loss(params, images[1], key))
+
+
 @pytest.mark.parametrize('mask_value, what', [(255, 'covers everything'), (0, 'nothing to inpaint')])
 def test_inpainting_mask_must_mark_some_but_not_all_pixels(tmp_path, mask_value, what):
   photo, holes = tmp_path / 'photo.png', tmp_path / 'holes.png'
