@@ -52,12 +52,13 @@ picks table rows.
 
 sample.stream_rows=R > 0 denoises each step in bands of R patch rows
 (`streaming_denoiser`): the same images, with memory that grows with the width.
-sample.shard_rows=True splits the patch rows over the fsdp × model devices of
-config.mesh and the images over its data axis (`sharded_denoiser`, neighbours
-exchange one row of features per level); with stream_rows, each device goes
-through its rows in bands.
+sample.shard_rows=True splits the patch rows over the model axis of config.mesh
+and the images over its batch axes, data × fsdp, as in training
+(`sharded_denoiser`, neighbours exchange one row of features per level); with
+stream_rows, each device goes through its rows in bands.
 """
 
+import math
 import os
 
 import jax
@@ -322,15 +323,15 @@ def make(config) -> System:
                     f'{patch_mode!r} is an ablation on one device: set one of them to its default.')
   if shard_rows:
     mesh = sharding.make_mesh(config.mesh)
-    row_devices = mesh.shape['fsdp'] * mesh.shape['model']
-    rows_per_device(sample_grid[0], row_devices, stream)
-    if row_devices == 1:
-      raise UserError("config.sample.shard_rows splits the patch rows over config.mesh's fsdp × model axes "
-                      '(the images over data), which have 1 device here; set e.g. --config.mesh.data=1 '
+    rows_per_device(sample_grid[0], mesh.shape['model'], stream)
+    if mesh.shape['model'] == 1:
+      raise UserError("config.sample.shard_rows splits the patch rows over config.mesh's model axis (the "
+                      'images over data × fsdp), which has 1 device here; set e.g. --config.mesh.data=1 '
                       '--config.mesh.model=-1.')
-    if config.sample.num % mesh.shape['data']:
-      raise UserError(f"config.sample.num={config.sample.num} images do not split over config.mesh's data "
-                      f'axis of {mesh.shape["data"]} devices with sample.shard_rows; give a multiple of it.')
+    image_groups = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    if config.sample.num % image_groups:
+      raise UserError(f"config.sample.num={config.sample.num} images do not split over config.mesh's data × "
+                      f'fsdp = {image_groups} devices with sample.shard_rows; give a multiple of it.')
   elif stream:
     check_band_rows(sample_grid[0], stream)
   lat = config.latent
@@ -463,7 +464,7 @@ def make(config) -> System:
       options.update(cfg_weight=guidance, uncond={'code': 0.0, 'use_pos': 0.0})
     cond = {'code': codes_for(params, code_key, n), 'use_pos': jnp.ones((n,))}
     if shard_rows:
-      denoise = sharded_denoiser(unet, params['unet'], pos, pos_mask, mesh, ('fsdp', 'model'), stream, 'data')
+      denoise = sharded_denoiser(unet, params['unet'], pos, pos_mask, mesh, 'model', stream, sharding.BATCH_AXES)
     elif stream:
       denoise = streaming_denoiser(unet, params['unet'], pos, pos_mask, stream)
     elif patch_mode == 'independent':
@@ -596,7 +597,7 @@ def default_config(resolution, sample_num: int = 4):
   c.sample.positions = 'interpolate'  # or 'extend': beyond the trained grid, no position there
   c.sample.code_index = ()  # rows of the code table, one per image; () = drawn by the latent DPM
   c.sample.stream_rows = 0  # > 0: denoise in bands of this many patch rows (memory ~ width)
-  c.sample.shard_rows = False  # True: the patch rows over config.mesh's fsdp × model, the images over data
+  c.sample.shard_rows = False  # True: the patch rows over config.mesh's model axis, the images over data × fsdp
   # The paper's seam ablation: 'independent' patches or 'pixel_shift'ed patch grids instead of collage.
   c.sample.patch_mode = 'collage'
   # The latent DPM over the codes (public code: Diff-AE's MLPSkipNet, L1, const0.008, eps).
