@@ -19,7 +19,7 @@ from visgen_jax.models.latent_mlp import LatentMLP
 from visgen_jax.models.patch_unet import (
     PatchUNet, collage_denoiser, from_patches, grid_positions, streaming_denoiser, to_patches)
 from visgen_jax.systems import patchdm
-from visgen_jax.train import checkpoint, trainer
+from visgen_jax.train import checkpoint, sharding, trainer, weights
 from visgen_jax.train import config as config_lib
 
 TINY = 'configs/patchdm_1k.py:tiny'
@@ -208,7 +208,7 @@ def test_sampling_at_a_size_never_trained_has_that_shape():
     (['latent.loss_type=huber'], ['latent.loss_type', 'huber']),
     (['latent.sample_steps=0'], ['latent.sample_steps']),
     (['latent.stage=third'], ['latent.stage', 'third']),
-    (['latent.stage=second', 'latent.first_stage=/nonexistent'], ['latent.first_stage', '/nonexistent']),
+    (['latent.stage=second'], ['--config.init_from=<its workdir>', '--config.frozen=^(?!latent/)']),
 ])
 def test_bad_input_is_a_user_error(overrides, words):
   with pytest.raises(UserError) as e:
@@ -255,17 +255,18 @@ def test_second_stage_trains_only_the_latent_dpm_on_the_first_runs_ema_weights(t
   saver.save(5, first, {})
   saver.close()
 
-  second = tiny_config('latent.stage=second', f'latent.first_stage={tmp_path / "first"}', 'total_steps=2',
-                       'sample_every=0', 'optimizer.learning_rate=1e-2')
+  stage = ('latent.stage=second', f'init_from={tmp_path / "first"}', f'frozen={patchdm.SECOND_STAGE_FROZEN[0]}')
+  second = tiny_config(*stage, 'total_steps=2', 'sample_every=0', 'optimizer.learning_rate=1e-2')
   state = jax.device_get(trainer.train(second, str(tmp_path / 'latent')))
-  for name in ('unet', 'codes'):  # the first run's EMA weights, frozen
-    for tree in ('params', 'ema_params'):
-      jax.tree.map(np.testing.assert_array_equal, state[tree][name], jax.device_get(first['ema_params'][name]))
+  for name in ('unet', 'codes'):  # the first run's EMA weights, frozen: no EMA copy of their own
+    jax.tree.map(np.testing.assert_array_equal, state['params'][name], jax.device_get(first['ema_params'][name]))
+    assert jax.tree.leaves(state['ema_params'][name]) == []
   # Every latent weight trained: two Adam steps of 1e-2 move each by about 2e-2, the EMA (0.99) far less.
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), state['params']['latent'], state['ema_params']['latent'])
   assert min(jax.tree.leaves(moved)) > 1e-3
-  with pytest.raises(UserError, match='does not hold'):
-    patchdm.make(tiny_config('latent.stage=second', f'latent.first_stage={tmp_path / "first"}', 'model.code_dim=16'))
+  with pytest.raises(UserError, match=r'another shape than in this model \(codes'):
+    trainer.train(tiny_config(*stage, 'model.code_dim=16'), str(tmp_path / 'other'))
+  assert not (tmp_path / 'other').exists()
 
 
 def test_second_stage_with_an_encoder_trains_the_latent_dpm_on_the_frozen_encoders_codes(tmp_path):
@@ -277,11 +278,17 @@ def test_second_stage_with_an_encoder_trains_the_latent_dpm_on_the_frozen_encode
   saver.save(5, first, {})
   saver.close()
 
-  system = patchdm.make(tiny_config(encoder, 'latent.stage=second', f'latent.first_stage={tmp_path / "first"}'))
-  params = system.load_pretrained(random_params(jax.eval_shape(system.init, jax.random.key(0), batch), seed=3))
+  config = tiny_config(encoder, 'latent.stage=second', f'init_from={tmp_path / "first"}',
+                       f'frozen={patchdm.SECOND_STAGE_FROZEN[0]}')
+  system = patchdm.make(config)
+  shapes = jax.eval_shape(system.init, jax.random.key(0), batch)
+  loaded = weights.initial_weights(config.init_from, config, shapes)
+  assert set(loaded) == set(weights.flatten(first['params']))  # everything the first run has
+  params = jax.tree_util.tree_map_with_path(lambda p, x: loaded.get(sharding.path_name(p), x),
+                                            random_params(shapes, seed=3))
   for name in ('unet', 'encoder'):  # the first run's EMA weights
     jax.tree.map(np.testing.assert_array_equal, params[name], first['ema_params'][name])
-  trainable = system.trainable(params)
+  trainable = weights.trainable_mask(params, config.frozen)
   assert all(jax.tree.leaves(trainable['latent'])) and not any(jax.tree.leaves(trainable['encoder']))
   # The codes come from the batch's images through the encoder: other images, another loss.
   loss = jax.jit(lambda p, images, key: system.loss_fn(p, dict(batch, image=images), key)[0])

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from visgen_jax.errors import UserError
 from visgen_jax.train import config as config_lib
-from visgen_jax.train import sharding, trainer
+from visgen_jax.train import sharding, trainer, weights
 
 TINY = 'configs/adm_ffhq256.py:tiny'
 
@@ -41,12 +41,19 @@ def test_warmup_then_cosine_and_gradient_clipping():
   np.testing.assert_allclose(optax.global_norm(updates), 0.5 * lr(0), atol=1e-7)
 
 
-def test_frozen_parameters_do_not_move():
-  opt = config_lib.base_config().optimizer
-  tx, _ = trainer.make_optimizer(opt, 10, trainable=lambda p: {'a': True, 'b': False})
-  params = {'a': jnp.ones(3), 'b': jnp.ones(3)}
-  updates, _ = tx.update({'a': jnp.ones(3), 'b': jnp.ones(3)}, tx.init(params), params)
-  assert np.all(np.asarray(updates['a']) != 0) and np.all(np.asarray(updates['b']) == 0)
+def test_frozen_regexes_pick_parameters_by_path():
+  params = {'clip': {'blocks_0': {'kernel': jnp.ones(3)}}, 'rma': {'kernel': jnp.ones(2)}}
+  mask = weights.trainable_mask(params, ('^clip/',))
+  assert mask == {'clip': {'blocks_0': {'kernel': False}}, 'rma': {'kernel': True}}
+  trainable = weights.only(params, mask)
+  assert [x.shape for x in jax.tree.leaves(trainable)] == [(2,)]  # nothing of CLIP
+  moved = jax.tree.map(lambda x: x + 1, trainable)
+  merged = weights.merge(moved, params)
+  assert float(merged['rma']['kernel'][0]) == 2 and float(merged['clip']['blocks_0']['kernel'][0]) == 1
+  for frozen, words in [(('^nothing/',), 'matches no parameter'), (('(',), 'not a regular expression'),
+                        (('.',), 'freezes every parameter')]:
+    with pytest.raises(UserError, match=words):
+      weights.check_frozen(frozen, params)
 
 
 def test_sharding_rules_then_fsdp_fallback():
@@ -80,10 +87,11 @@ def test_bf16_compute_keeps_float32_master_weights():
   s = trainer.setup(config)
   step = trainer.make_train_step(s)
   batch = {'image': jnp.zeros((2, 16, 16, 3)), 'index': jnp.arange(2, dtype=jnp.int32)}
-  state = jax.jit(lambda k, b: trainer._init_state(s.system, s.tx, k, b), out_shardings=s.state_shardings)(
+  state = jax.jit(lambda k, b: trainer._init_state(s.system, s.tx, s.trainable, k, b),
+                  out_shardings=s.state_shardings)(
       jax.random.key(0), batch)
   before = jax.tree.map(np.asarray, state['params'])
-  state, metrics = step(state, batch)
+  state, (metrics, _) = step(state, batch)
   assert np.isfinite(float(metrics['loss']))
   leaves = jax.tree.leaves(state['params'])
   assert all(x.dtype == jnp.float32 for x in leaves)

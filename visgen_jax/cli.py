@@ -5,18 +5,19 @@ import sys
 
 from absl import app, flags, logging
 
-from visgen_jax.errors import UserError
+from visgen_jax.errors import TrainingDiverged, UserError
 
 
-def fail(message: str):
+def fail(message: str, code: int = 2):
   print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
+  sys.exit(code)
 
 
 def run(command, overrides: list):
   """app.run(command); `--config.*` arguments go to `overrides`, not to absl.
 
-  `command(argv)` may raise UserError: it becomes one line on stderr and exit 2.
+  `command(argv)` may raise UserError: it becomes one line on stderr and exit 2
+  (TrainingDiverged: one line and exit 1).
   """
   def parse(argv):
     overrides.extend(a[len('--config.'):] for a in argv[1:] if a.startswith('--config.'))
@@ -30,6 +31,8 @@ def run(command, overrides: list):
       command(argv)
     except UserError as e:
       fail(str(e))
+    except TrainingDiverged as e:
+      fail(str(e), code=1)
 
   logging.set_verbosity(logging.WARNING)  # Orbax and grain narrate every step at INFO
   app.run(guarded, flags_parser=parse)

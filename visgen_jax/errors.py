@@ -7,3 +7,7 @@ Anything raised as `UserError` reaches the user as one sentence and exit code 2
 
 class UserError(Exception):
   """A wrong config key, a missing dataset, an image of the wrong size, ..."""
+
+
+class TrainingDiverged(Exception):
+  """The loss or gradient norm stopped being finite; nothing after it was saved."""

@@ -32,7 +32,6 @@ in), 'rma': {'layers_j': params of RMA at rma_layers[j]}}. Only 'rma' trains.
 
 import functools
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -177,14 +176,6 @@ class MaskCLIP(nn.Module):
       refined.append(logits)
       visible = patch_visibility(logits, clip.patch_size)
     return clip.head(x[:, :m]), tuple(refined)
-
-
-def trainable_mask(params: Mapping):
-  """A pytree of bools like `params` ({'clip', 'rma'}): True exactly on the added RMA params."""
-  if 'clip' not in params:
-    raise UserError(f'MaskCLIP params must hold "clip" (and "rma"); got keys {sorted(params)}; '
-                    'pass the "params" collection.')
-  return {key: jax.tree.map(lambda _: key != 'clip', tree) for key, tree in params.items()}
 
 
 def clip_crop_features(clip: VisionTransformer, clip_params, images, mask_logits, *,

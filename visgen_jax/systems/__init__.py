@@ -20,16 +20,16 @@ class System:
   loss_fn: Callable[[Any, dict, Any], tuple]
   # (params, key) -> config.sample.num images [N, H, W, 3] in [-1, 1]; None if the system only trains.
   sample: Optional[Callable[[Any, Any], Any]] = None
-  # params -> pytree of bools, False for frozen parameters; None trains everything.
-  trainable: Optional[Callable[[Any], Any]] = None
   # Extra --mode=NAME commands (e.g. outpaint, segment): NAME -> fn(params, key, workdir),
   # run on the latest checkpoint's parameters (EMA when config.sample.use_ema).
   commands: dict = dataclasses.field(default_factory=dict)
-  # params -> params with pretrained weights (e.g. CLIP) in place of initial ones; None loads
-  # nothing. The trainer calls it once, on the host, after init on a fresh start (never on
-  # resume). Leaves returned as the same objects stay as initialised; every other leaf (numpy
-  # or jax, same shape) replaces the initial one in both params and EMA params, placed with
-  # the state's shardings. Runs on every process: each must return the same values.
+  # Weight sources the system always starts from, in config.init_from's format
+  # (visgen_jax/train/weights.py), applied before config.init_from on a fresh start.
+  init_from: tuple = ()
+  # A computed start (e.g. a code table from CLIP embeddings of the training images):
+  # params -> params; leaves returned as other objects replace the initial ones (in
+  # params and EMA). Fresh starts only, after init_from, on the host, on every process
+  # (each must return the same values). Weights read from files go through init_from.
   load_pretrained: Optional[Callable[[Any], Any]] = None
 
 

@@ -44,7 +44,7 @@ from visgen_jax.data import segmentation as seg_data
 from visgen_jax.errors import UserError
 from visgen_jax.eval import segmentation as seg_metrics
 from visgen_jax.models import clip as clip_lib
-from visgen_jax.models.maskclip import MaskCLIP, trainable_mask
+from visgen_jax.models.maskclip import MaskCLIP
 from visgen_jax.segmentation import losses, postprocess
 from visgen_jax.systems import System
 from visgen_jax.text import tokenizer as tokenizer_lib
@@ -130,11 +130,13 @@ def make(config) -> System:
 
   def init(key, batch):
     params = model.init(key, batch['image'][:1], batch['proposals'][:1])['params']
-    # Placeholders (XLA drops their random init): `load_pretrained` puts CLIP's weights in.
+    # Placeholders (XLA drops their random init): CLIP's weights are put in before the first step.
     return dict(params, clip=jax.tree.map(jnp.zeros_like, params['clip']))
 
-  def load_pretrained(params):
-    return dict(params, clip=clip_params['visual'])
+  # The vision tower from the checkpoint file (its text tower is read above), or the random
+  # CLIP the text tower comes from.
+  clip_weights = ({'path': m.clip_checkpoint, 'select': '^clip/', 'rename': ('^visual/', 'clip/')},)
+  random_clip = lambda params: dict(params, clip=clip_params['visual'])
 
   def predict(params, images, proposals, text):
     """(class logits [B, M, C+1], mask logits [B, M, H, W]): the last RMA layer's masks, or the
@@ -210,7 +212,9 @@ def make(config) -> System:
     vlog.save_json(path, results)
     print(json.dumps(results), flush=True)
 
-  return System(init=init, loss_fn=loss_fn, trainable=trainable_mask, load_pretrained=load_pretrained,
+  return System(init=init, loss_fn=loss_fn,
+                init_from=clip_weights if m.clip_checkpoint else (),
+                load_pretrained=None if m.clip_checkpoint else random_clip,
                 commands={'segment': segment, 'eval': evaluate})
 
 
@@ -332,6 +336,7 @@ def default_config(preset: str = 'ViT-L-14-336-quickgelu', resolution: int = 336
   c.ckpt_every = 1000
   c.sample_every = 0
   c.optimizer.update(name='adamw', learning_rate=1e-4, weight_decay=0.05, ema_decay=0.0)
+  c.frozen = ('^clip/',)  # CLIP stays frozen; only RMA's layers train
   c.sample.use_ema = False
   c.data = ml_collections.ConfigDict(dict(
       name='segmentation', path='', resolution=resolution, random_flip=True, scale_range=(1.0, 1.0),

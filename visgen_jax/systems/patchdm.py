@@ -41,11 +41,12 @@ std, Diff-AE's default). Two ways to train it (latent.stage):
              added with weight latent.loss_weight: one run and one checkpoint
              carry both, the UNet's gradients are untouched.
   'second' — the paper's second stage: a run of its own (a new workdir) that
-             starts from the finished first run (latent.first_stage = its
-             workdir, trained with latent.enabled=false or joint) and trains
-             only the latent DPM, on the first run's EMA (sample.use_ema) table
-             or encoder (eval mode, on the batch's images); UNet, codes and
-             encoder are frozen copies, so the second workdir samples alone.
+             starts from the finished first run (trained with
+             latent.enabled=false or joint) by config.init_from=<its workdir>
+             (its EMA weights) with config.frozen=('^(?!latent/)',), and trains
+             only the latent DPM, on the first run's table or encoder (eval
+             mode, on the batch's images); UNet, codes and encoder are frozen
+             copies, so the second workdir samples alone.
              Public code: batch 512, AdamW (weight decay 0.01), 60M samples.
 `sample` draws codes with DDIM (latent.sample_steps) unless sample.code_index
 picks table rows.
@@ -81,7 +82,7 @@ from visgen_jax.models.semantic_encoder import SemanticEncoder
 from visgen_jax.systems import System
 from visgen_jax.systems.adm import sampler_setup
 from visgen_jax.train import logging as vlog
-from visgen_jax.train import checkpoint, sharding
+from visgen_jax.train import sharding
 from visgen_jax.train.config import base_config
 
 
@@ -91,6 +92,8 @@ CODE_INITS = ('random', 'clip')
 # config.model keys of the code table / encoder, not PatchUNet fields.
 CODE_KEYS = ('num_codes', 'code_source', 'code_init', 'clip_checkpoint', 'clip_preset', 'encoder')
 CLIP_BATCH = 32  # images per CLIP forward when initialising the table
+# The second stage trains the latent DPM alone: everything else of the first run is frozen.
+SECOND_STAGE_FROZEN = ('^(?!latent/)',)
 
 
 def make_unet(model_config, compute_dtype='float32') -> PatchUNet:
@@ -348,9 +351,10 @@ def make(config) -> System:
                       f'table has {rows}. Set latent.znormalize=false or add training images.')
     if lat.stage not in LATENT_STAGES:
       raise UserError(f'config.latent.stage={lat.stage!r} is unknown; allowed: {", ".join(LATENT_STAGES)}.')
-    if lat.stage == 'second' and not os.path.isdir(os.path.join(lat.first_stage, 'checkpoints')):
-      raise UserError(f"config.latent.stage='second' starts from a finished Patch-DM run: set "
-                      f"config.latent.first_stage to its workdir (one with checkpoints/); got {lat.first_stage!r}.")
+    if lat.stage == 'second' and not (config.init_from and tuple(config.frozen) == SECOND_STAGE_FROZEN):
+      raise UserError("config.latent.stage='second' trains only the latent DPM on a finished Patch-DM run: "
+                      'set --config.init_from=<its workdir> --config.frozen=' + SECOND_STAGE_FROZEN[0] +
+                      f' (got init_from={tuple(config.init_from)}, frozen={tuple(config.frozen)}).')
     latent = make_latent(config)
     latent_base = schedules.make_schedule(lat.noise_schedule, lat.num_timesteps)
     latent_sample_schedule = schedules.respace(latent_base, f'ddim{lat.sample_steps}')
@@ -437,14 +441,7 @@ def make(config) -> System:
     value = latent_term(params, codes, latent_key)
     return value, {f'latent_{lat.loss_type}': value}
 
-  def load_first_stage(params):
-    """params with everything but the latent DPM taken from latent.first_stage's latest checkpoint."""
-    first = checkpoint.restore_latest_params(first_stage_dir, config.sample.use_ema)
-    return dict(params, **{k: v for k, v in first.items() if k != 'latent'})
-
   def load_pretrained(params):
-    if second_stage:
-      return load_first_stage(params)
     return dict(params, codes=clip_code_table(config, rows))
 
   def codes_for(params, key, n):
@@ -528,23 +525,9 @@ def make(config) -> System:
     edit(params, key, workdir, image, mask, 'inpaint')
 
   second_stage = lat.enabled and lat.stage == 'second'
-  if second_stage:
-    first_stage_dir = os.path.join(lat.first_stage, 'checkpoints')
-    example = {'image': jnp.zeros((1, *train_hw, m.in_channels)), 'index': jnp.zeros((1,), jnp.int32)}
-    frozen = {k: v for k, v in jax.eval_shape(init, jax.random.key(0), example).items() if k != 'latent'}
-    saved = checkpoint.latest_params_shapes(first_stage_dir, config.sample.use_ema) or {}
-    if {k: saved.get(k) for k in frozen} != jax.tree.map(lambda x: tuple(x.shape), frozen):
-      raise UserError(f'config.latent.first_stage={lat.first_stage!r}: its latest checkpoint does not hold '
-                      "this config's Patch-DM (model.* and the training data must be the first run's).")
   return System(init=init, loss_fn=second_stage_loss_fn if second_stage else loss_fn, sample=sample,
                 commands={'outpaint': outpaint, 'inpaint': inpaint},
-                trainable=latent_only if second_stage else None,
-                load_pretrained=load_pretrained if second_stage or m.code_init == 'clip' else None)
-
-
-def latent_only(params):
-  """The second stage's trainable mask: the latent DPM only."""
-  return {k: jax.tree.map(lambda _: k == 'latent', v) for k, v in params.items()}
+                load_pretrained=load_pretrained if m.code_init == 'clip' and not second_stage else None)
 
 
 def encoder_size(resolution, shorter: int = 256):
@@ -606,8 +589,7 @@ def default_config(resolution, sample_num: int = 4):
       noise_schedule='const0.008', num_timesteps=1000, loss_type='l1',
       batch_size=512, loss_weight=1.0, sample_steps=50,
       znormalize=False,  # True: codes → (codes - mean) / std per dimension, over the table
-      stage='joint',  # or 'second': train only the latent DPM on the finished run at first_stage
-      first_stage=''))
+      stage='joint'))  # or 'second': only the latent DPM, on a finished run (init_from, frozen)
   c.edit = ml_collections.ConfigDict(dict(input='', mask='', jump_length=1, resamples=1))
   return c
 

@@ -10,6 +10,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from visgen_jax.train import sharding
+
 
 class Checkpointer:
 
@@ -46,37 +48,47 @@ def abstract_like(tree, shardings):
 
 
 def _latest_state(directory: str):
-  """(path of the latest finished checkpoint's state, StandardCheckpointer), or None."""
+  """(path of the latest finished checkpoint's state, its step), or None."""
   if not os.path.isdir(directory):
     return None
   manager = ocp.CheckpointManager(directory, item_names=('state', 'data'))
   step = manager.latest_step()
   manager.close()
-  return None if step is None else (os.path.join(directory, str(step), 'state'), ocp.StandardCheckpointer())
+  return None if step is None else (os.path.join(directory, str(step), 'state'), step)
 
 
-def latest_params_shapes(directory: str, ema: bool):
-  """The shapes (a tree of tuples) of the parameters `restore_latest_params`
-  would return, read from the metadata alone; None when there is no checkpoint."""
+def latest_step(directory: str):
+  """The latest finished checkpoint's step under `directory`, None when there is none; creates nothing."""
   latest = _latest_state(directory)
-  if latest is None:
-    return None
-  path, checkpointer = latest
-  tree = checkpointer.metadata(path).item_metadata['ema_params' if ema else 'params']
-  return jax.tree.map(lambda m: tuple(m.shape), tree)
+  return None if latest is None else latest[1]
 
 
-def restore_latest_params(directory: str, ema: bool):
-  """The parameters (EMA when `ema`) of the latest finished checkpoint under
-  `directory`, restored as saved onto this process's first device; None when
-  there is none. For loading another run's weights (a first training stage)."""
-  latest = _latest_state(directory)
-  if latest is None:
-    return None
-  path, checkpointer = latest
+def _restore_on_first_device(path: str):
+  """The tree saved at `path` (a StandardCheckpointer directory), as saved, on this process's first device."""
+  checkpointer = ocp.StandardCheckpointer()
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           checkpointer.metadata(path).item_metadata)
-  state = checkpointer.restore(path, abstract)
+  tree = checkpointer.restore(path, abstract)
   checkpointer.close()
-  return state['ema_params' if ema else 'params']
+  return tree
+
+
+def saved_state_shapes(directory: str):
+  """{'/'-joined path: shape} of the latest finished checkpoint's state under
+  `directory`, from its metadata alone."""
+  path, _ = _latest_state(directory)
+  metadata = ocp.StandardCheckpointer().metadata(path).item_metadata
+  return {sharding.path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(metadata)[0]}
+
+
+def restore_latest_state(directory: str):
+  """The state of the latest finished checkpoint under `directory`, restored as
+  saved onto this process's first device; None when there is none."""
+  latest = _latest_state(directory)
+  return None if latest is None else _restore_on_first_device(latest[0])
+
+
+def restore_params_dir(path: str):
+  """A parameter directory written by `python -m visgen_jax.convert`."""
+  return _restore_on_first_device(path)

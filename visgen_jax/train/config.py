@@ -28,6 +28,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample_every = 1000  # 0 = never during training
   c.keep_checkpoints = 3
   c.compute_dtype = 'float32'  # or 'bfloat16': parameters stay float32 (master weights)
+  # Weights a fresh run starts from (never applied on resume): workdirs, converted parameter
+  # directories or foreign checkpoint files, each a path or {path, select, rename, use_ema}
+  # (visgen_jax/train/weights.py); --config.init_from=PATH is one source with the defaults.
+  c.init_from = ()
+  # Regexes of '/'-joined parameter paths that do not train (no optimizer state, no EMA copy).
+  c.frozen = ()
 
   # Device mesh: axis sizes; -1 takes the remaining devices. The batch is split
   # over data x fsdp; parameters are split over fsdp when fsdp > 1.

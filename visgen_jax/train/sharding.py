@@ -42,7 +42,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
+  """A parameter's tree path as 'unet/input_blocks_0/kernel' (what sharding rules and config.frozen match)."""
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
 
 
@@ -74,7 +75,7 @@ def tree_shardings(tree, mesh: Mesh, rules=()):
 
   def place(path, leaf):
     shape = getattr(leaf, 'shape', ())
-    name = _path_name(path)
+    name = path_name(path)
     for pattern, spec in compiled:
       if pattern.search(name):
         return NamedSharding(mesh, _parse_spec(spec, len(shape), name))

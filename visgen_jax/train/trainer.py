@@ -3,22 +3,30 @@
 The state is a plain dict {step, params, opt_state, ema_params}; one jitted,
 donated step updates it. Randomness inside the step is `fold_in(key, step)`, the
 data position is saved with the state, so a resumed run computes exactly what an
-uninterrupted run computes.
+uninterrupted run computes. Parameters that `config.frozen` matches get no
+gradient, optimizer moments or EMA copy (optax.MaskedNode in their place); a
+fresh run starts from `config.init_from` (visgen_jax.train.weights).
+
+A loss or gradient norm that is not finite stops the run at the next log,
+checkpoint or sample point, before anything is saved: the last checkpoint
+written holds the last finite parameters.
 """
 
 import dataclasses
+import json
 import os
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from tqdm import tqdm
 
 from visgen_jax.data import pipeline
-from visgen_jax.errors import UserError
+from visgen_jax.errors import TrainingDiverged, UserError
 from visgen_jax.systems import System, get_system
-from visgen_jax.train import checkpoint, sharding
+from visgen_jax.train import checkpoint, sharding, weights
 from visgen_jax.train import logging as vlog
 
 # Independent streams from the one seed: fold_in(root, stream) then fold_in(step).
@@ -31,7 +39,7 @@ def _say(message: str):
     tqdm.write(message)
 
 
-def make_optimizer(opt, total_steps: int, trainable=None):
+def make_optimizer(opt, total_steps: int):
   """optax chain: clip -> adam(w)/sgd with warm-up and constant or cosine decay."""
   decay_steps = max(total_steps - opt.warmup_steps, 1)
   after = (optax.constant_schedule(opt.learning_rate) if opt.schedule == 'constant'
@@ -45,8 +53,6 @@ def make_optimizer(opt, total_steps: int, trainable=None):
   else:
     base = optax.sgd(lr, momentum=opt.b1)
   tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), base) if opt.grad_clip else base
-  if trainable is not None:
-    tx = optax.multi_transform({True: tx, False: optax.set_to_zero()}, trainable)
   return tx, lr
 
 
@@ -58,6 +64,7 @@ class Setup:
   mesh: object
   tx: object
   lr: object
+  trainable: object  # a tree of bools like the params: False where config.frozen matches
   abstract_state: dict
   state_shardings: dict
   root_key: object
@@ -70,18 +77,22 @@ def setup(config) -> Setup:
     raise UserError(f'config.batch_size={config.batch_size} must be divisible by the {batch_ways} '
                     f'data x fsdp devices and the {jax.process_count()} processes.')
   system = get_system(config)
-  tx, lr = make_optimizer(config.optimizer, config.total_steps, system.trainable)
+  tx, lr = make_optimizer(config.optimizer, config.total_steps)
   root = jax.random.key(config.seed)
   example = pipeline.example_batch(config.data, config.batch_size)
-  abstract = jax.eval_shape(lambda k, b: _init_state(system, tx, k, b), root, example)
+  params = jax.eval_shape(system.init, root, example)
+  weights.check_frozen(config.frozen, params)
+  trainable = weights.trainable_mask(params, config.frozen)
+  abstract = jax.eval_shape(lambda k, b: _init_state(system, tx, trainable, k, b), root, example)
   shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
-  return Setup(config, system, mesh, tx, lr, abstract, shardings, root)
+  return Setup(config, system, mesh, tx, lr, trainable, abstract, shardings, root)
 
 
-def _init_state(system, tx, key, batch):
+def _init_state(system, tx, trainable, key, batch):
   params = system.init(key, batch)
-  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
-          'ema_params': params}
+  train_params = weights.only(params, trainable)
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(train_params),
+          'ema_params': train_params}
 
 
 def _cast(tree, dtype):
@@ -97,22 +108,26 @@ def make_train_step(s: Setup):
   def step_fn(state, batch):
     key = jax.random.fold_in(train_key, state['step'])
 
-    def loss(params):
+    def loss(train_params):
       # bf16 compute: the cast is inside the differentiated function, so the
       # gradients (and the update) stay float32 on the master weights.
+      params = weights.merge(train_params, state['params'])
       return system.loss_fn(_cast(params, compute_dtype), batch, key)
 
-    (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state['params'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state['ema_params'], params)
-    metrics = {'loss': value, 'grad_norm': optax.global_norm(grads),
-               'learning_rate': s.lr(state['step']), **aux}
-    new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state, 'ema_params': ema}
-    return new_state, metrics
+    # Only the trainable parameters are differentiated: no weight gradients for frozen ones.
+    train_params = weights.only(state['params'], s.trainable)
+    (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(train_params)
+    updates, opt_state = tx.update(grads, state['opt_state'], train_params)
+    train_params = optax.apply_updates(train_params, updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state['ema_params'], train_params)
+    grad_norm = optax.global_norm(grads)
+    metrics = {'loss': value, 'grad_norm': grad_norm, 'learning_rate': s.lr(state['step']), **aux}
+    new_state = {'step': state['step'] + 1, 'params': weights.merge(train_params, state['params']),
+                 'opt_state': opt_state, 'ema_params': ema}
+    return new_state, (metrics, jnp.stack([jnp.isfinite(value), jnp.isfinite(grad_norm)]))
 
   return jax.jit(step_fn, in_shardings=(s.state_shardings, sharding.batch_sharding(s.mesh)),
-                 out_shardings=(s.state_shardings, sharding.replicated(s.mesh)), donate_argnums=0)
+                 out_shardings=(s.state_shardings, (sharding.replicated(s.mesh),) * 2), donate_argnums=0)
 
 
 def _global_batch(mesh, local_batch: dict):
@@ -122,7 +137,7 @@ def _global_batch(mesh, local_batch: dict):
 
 def _params_and_key(s: Setup, state, step: int):
   """What inference uses: EMA (or raw) parameters and a key that depends only on the step."""
-  params = state['ema_params'] if s.config.sample.use_ema else state['params']
+  params = weights.merge(state['ema_params'], state['params']) if s.config.sample.use_ema else state['params']
   return params, jax.random.fold_in(jax.random.fold_in(s.root_key, SAMPLE_STREAM), step)
 
 
@@ -140,11 +155,26 @@ def _save_samples(s: Setup, state, step, workdir, writer):
   writer.write_images(step, 'samples', grid)
 
 
+def _check_finite(pending, saved_step):
+  """Raises TrainingDiverged at the first step in `pending` [(step, [loss finite,
+  grad norm finite])] whose loss or gradient norm is not finite."""
+  for step, finite in jax.device_get(pending):
+    if not finite.all():
+      what = 'loss' if not finite[0] else 'gradient norm'
+      kept = f'the latest checkpoint (step {saved_step}) holds' if saved_step else 'no checkpoint was written with'
+      raise TrainingDiverged(f'training diverged: the {what} is not finite (NaN or inf) at step {step}; stopped '
+                             f'without saving, {kept} the last finite parameters. Lower '
+                             'config.optimizer.learning_rate or check the data.')
+  pending.clear()
+
+
 def _loop(s: Setup, state, start, data_iter, train_step, ckpt, writer, bar, workdir):
   config = s.config
   last_time, last_step = time.perf_counter(), start
+  pending, saved_step = [], start  # finiteness flags not yet looked at; the last step saved
   for step in range(start + 1, config.total_steps + 1):
-    state, metrics = train_step(state, _global_batch(s.mesh, next(data_iter)))
+    state, (metrics, finite) = train_step(state, _global_batch(s.mesh, next(data_iter)))
+    pending.append((step, finite))
     bar.update(1)
     if step % config.log_every == 0 or step == config.total_steps:
       metrics = jax.device_get(metrics)  # the only host sync: once per log interval
@@ -154,31 +184,88 @@ def _loop(s: Setup, state, start, data_iter, train_step, ckpt, writer, bar, work
       last_time, last_step = now, step
       writer.write(step, metrics)
       bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+      _check_finite(pending, saved_step)
     if step % config.ckpt_every == 0 or step == config.total_steps:
+      _check_finite(pending, saved_step)
       ckpt.save(step, state, data_iter.get_state())
+      saved_step = step
     if s.system.sample and config.sample_every and (step % config.sample_every == 0 or step == config.total_steps):
+      _check_finite(pending, saved_step)
       _save_samples(s, state, step, workdir, writer)
   return state
 
 
-def _with_pretrained(s: Setup, state):
-  """A fresh `state` with `System.load_pretrained` applied: each leaf it replaces
-  goes into both params and EMA params, placed with the state's shardings."""
-  initial, shardings = state['params'], s.state_shardings
-  loaded = s.system.load_pretrained(initial)
-
-  def place(new, old, sharding):
-    host = jax.device_get(jnp.asarray(new, old.dtype))
+def _replace_params(s: Setup, state, replaced: dict):
+  """A fresh `state` whose parameters named in `replaced` ({path: host array})
+  take those values, in params and (trainable ones) EMA params, placed from host
+  data with the state's shardings."""
+  def place(path, old, sharding_):
+    name = sharding.path_name(path)
+    if name not in replaced:
+      return old
+    host = np.asarray(replaced[name], old.dtype)
     if host.shape != old.shape:
-      raise ValueError(f'System.load_pretrained returned shape {host.shape} for a parameter of shape {old.shape}.')
+      raise ValueError(f'{name}: a start value of shape {host.shape} for a parameter of shape {old.shape}.')
     # From host data every process holds: placement works on any mesh, also across processes.
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.make_array_from_callback(host.shape, sharding_, lambda index: host[index])
 
-  params = jax.tree.map(lambda new, old, sh: old if new is old else place(new, old, sh),
-                        loaded, initial, shardings['params'])
-  ema = jax.tree.map(lambda new, old, e, sh: e if new is old else place(new, old, sh),
-                     loaded, initial, state['ema_params'], shardings['ema_params'])
+  params = jax.tree_util.tree_map_with_path(place, state['params'], s.state_shardings['params'])
+  ema = jax.tree_util.tree_map_with_path(place, state['ema_params'], s.state_shardings['ema_params'])
   return dict(state, params=params, ema_params=ema)
+
+
+def _computed_start(s: Setup, params) -> dict:
+  """{path: value} of the leaves System.load_pretrained replaces (returns as other objects)."""
+  loaded = s.system.load_pretrained(params)
+  paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {sharding.path_name(p): new for (p, old), new in zip(paths, jax.tree.leaves(loaded)) if new is not old}
+
+
+CONFIG_FILE = 'config.json'
+
+
+def _flat_config(config_dict, prefix=''):
+  """{'model.channel_mult': [1, 2], ...} with JSON values (tuples as lists)."""
+  out = {}
+  for k, v in config_dict.items():
+    if isinstance(v, dict):
+      out.update(_flat_config(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = json.loads(json.dumps(v))
+  return out
+
+
+def write_run_config(config, workdir: str):
+  """The resolved config as WORKDIR/config.json (process 0, atomically): the run describes itself."""
+  if jax.process_index() == 0:
+    vlog.save_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
+
+
+def check_same_model(s: Setup, workdir: str):
+  """UserError naming the config key when the latest checkpoint under workdir was
+  trained with another architecture than this config builds."""
+  saved = checkpoint.saved_state_shapes(os.path.join(workdir, 'checkpoints'))
+  wanted = {sharding.path_name(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(s.abstract_state)[0]}
+  if saved == wanted:
+    return
+  path = os.path.join(workdir, CONFIG_FILE)
+  differing = []
+  if os.path.isfile(path):
+    with open(path) as f:
+      before = _flat_config(json.load(f))
+    now = _flat_config(s.config.to_dict())
+    differing = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    # The model's own keys first: they are what usually changes the parameters' shapes.
+    differing.sort(key=lambda k: not k.startswith(('model.', 'system')))
+  if differing:
+    shown = '; '.join(f'config.{k}={now.get(k)!r} (the run has {before.get(k)!r})' for k in differing[:3])
+    raise UserError(f'--workdir={workdir} holds a model of another shape than this config builds: {shown}; '
+                    f'use the settings in {path} or a new workdir.')
+  name = next(k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k))
+  raise UserError(f'--workdir={workdir} holds a model of another shape than this config builds ({name}: '
+                  f'{saved.get(name)} in the checkpoint, {wanted.get(name)} here); use the config it was '
+                  'trained with or a new workdir.')
 
 
 def train(config, workdir: str):
@@ -186,18 +273,28 @@ def train(config, workdir: str):
   data_iter = pipeline.make_train_iterator(
       config.data, local_batch_size=config.batch_size // jax.process_count(), seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-  # Nothing is written to the workdir before this point: every config mistake has surfaced.
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
-  start = ckpt.latest_step()
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  start = checkpoint.latest_step(ckpt_dir)
   if start is None:
     start = 0
+    # Read and checked before anything is written: a bad source leaves no workdir behind.
+    replaced = weights.initial_weights((*s.system.init_from, *config.init_from), config,
+                                       s.abstract_state['params'])
+  else:
+    check_same_model(s, workdir)
+  # Nothing is written to the workdir before this point: every config mistake has surfaced.
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint.Checkpointer(ckpt_dir, config.keep_checkpoints)
+  if start == 0:
+    write_run_config(config, workdir)
     example = _global_batch(s.mesh, pipeline.example_batch(config.data, config.batch_size // jax.process_count()))
     init_key = jax.random.fold_in(s.root_key, INIT_STREAM)
-    state = jax.jit(lambda k, b: _init_state(s.system, s.tx, k, b),
+    state = jax.jit(lambda k, b: _init_state(s.system, s.tx, s.trainable, k, b),
                     out_shardings=s.state_shardings)(init_key, example)
     if s.system.load_pretrained:
-      state = _with_pretrained(s, state)
+      replaced.update(_computed_start(s, state['params']))
+    if replaced:
+      state = _replace_params(s, state, replaced)
   else:
     state, data_state = ckpt.restore(start, checkpoint.abstract_like(s.abstract_state, s.state_shardings))
     data_iter.set_state(data_state)
@@ -223,6 +320,7 @@ def restore_latest(s: Setup, workdir: str):
   step = ckpt.latest_step() if ckpt else None
   if step is None:
     raise UserError(f'--workdir={workdir}: no checkpoint under {directory}; train first with --mode=train.')
+  check_same_model(s, workdir)
   state, _ = ckpt.restore(step, checkpoint.abstract_like(s.abstract_state, s.state_shardings))
   ckpt.close()
   return state, step
