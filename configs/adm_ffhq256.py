@@ -3,12 +3,17 @@
   # CPU-sized first run on the built-in sample faces:
   python -m visgen_jax.main --config=configs/adm_ffhq256.py:tiny --workdir=/tmp/adm_tiny
   python -m visgen_jax.main --config=configs/adm_ffhq256.py:tiny --workdir=/tmp/adm_tiny --mode=sample
+  # Edits on the latest checkpoint (WORKDIR/<mode>/*.png):
+  ... --mode=sdedit --config.edit.input=face.png [--config.edit.strength=0.5]
+  ... --mode=inpaint --config.edit.input=face.png --config.edit.mask=holes.png  (white = fill in)
+  ... --mode=outpaint --config.edit.input=small_face.png
   # Paper scale, on a dataset built with data_prep/:
   python -m visgen_jax.main --config=configs/adm_ffhq256.py --workdir=DIR --config.data.path=/data/ffhq256
 """
 
 import ml_collections
 
+from visgen_jax.diffusion import editing
 from visgen_jax.errors import UserError
 from visgen_jax.train.config import base_config
 
@@ -38,6 +43,7 @@ def get_config(arg=None):
       p2_gamma=1.0, p2_k=1.0))  # P2 weighting (Choi et al.), as DiffusionRig trains
   c.sampler = ml_collections.ConfigDict(dict(name='ddim', steps=50, eta=0.0, guidance_scale=0.0))
   c.sample.num = 16
+  c.edit = editing.edit_config()  # --mode=inpaint|outpaint|sdedit
 
   if arg == 'tiny':
     c.total_steps = 20

@@ -19,6 +19,7 @@
   ... --mode=sample --config.sample.code_index=0,5,7,9  (table codes instead of latent-DPM codes)
   ... --mode=outpaint --config.sample.size=512,1024 --config.edit.input=centre.png
   ... --mode=inpaint --config.edit.input=photo.png --config.edit.mask=holes.png  (white = fill in)
+  ... --mode=sdedit --config.edit.input=photo.png --config.edit.strength=0.6  (resized to sample.size)
 """
 
 from visgen_jax.errors import UserError

@@ -86,18 +86,6 @@ def test_build_skips_bad_files_and_converts_modes(messy_folder, tmp_path):
     assert len(json.load(f)['skipped']) == 3
 
 
-def test_resize_covers_then_crops_centre():
-  # 20 x 40: black | white | black columns; a cover resize to 10 x 10 keeps
-  # the white middle and drops the black sides.
-  image = np.zeros((20, 40, 3), np.uint8)
-  image[:, 10:30] = 255
-  out = folder.resize_and_crop(Image.fromarray(image), (10, 10), 'center')
-  assert out.shape == (10, 10, 3)
-  assert out[:, 1:-1].min() == 255
-  stretched = folder.resize_and_crop(Image.fromarray(image), (10, 10), 'none')
-  assert stretched[:, 0].max() == 0 and stretched[:, 5].min() == 255
-
-
 def test_random_crop_build_depends_only_on_seed(messy_folder, tmp_path):
   def images(name, seed):
     folder.build_image_dataset(messy_folder, tmp_path / name, 16, 'random',

@@ -4,6 +4,7 @@ the metrics wiring, and bad input (one sentence, exit 2, nothing written)."""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -144,3 +145,10 @@ def test_vocabulary_parsing():
       'toy rabbit', 'real rabbit', 'background']
   with pytest.raises(UserError, match='more than once'):
     maskclip.parse_classes('a,b,a', 'c')
+
+
+def test_segment_results_are_written_by_process_zero_only(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  maskclip.write_segmentation(str(tmp_path), 'shapes.png', np.zeros((4, 4, 3), np.uint8), ['sky'], np.array([False]),
+                              np.zeros((0, 2)), np.zeros((0, 4, 4)), None)
+  assert not os.listdir(tmp_path)

@@ -239,7 +239,7 @@ def test_cli_trains_and_outpaints(tmp_path):
   run_main(f'--config={TINY}', f'--workdir={workdir}', '--mode=outpaint', '--config.sample.size=32,64',
            f'--config.edit.input={centre}', '--config.sampler.steps=2', no_latent, check=True)
   outs = sorted(os.listdir(workdir / 'outpaint'))
-  assert outs == ['00000.png', '00001.png']
+  assert outs == ['00000.png', '00001.png', 'grid.png']
   image = np.asarray(Image.open(workdir / 'outpaint' / outs[0]))
   assert image.shape == (32, 64, 3)
   np.testing.assert_array_equal(image[:, 16:48], 200)  # the known centre is kept exactly

@@ -4,6 +4,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -295,3 +296,20 @@ def test_unused_editing_options_may_be_none_for_the_ode_solvers():
   assert out.shape == IMG
   with pytest.raises(UserError, match='unknown euler options'):
     samplers.euler(None, _image_denoiser, SCHED, x, variance='fixed_small')
+
+
+def test_from_config_respaces_for_ddpm_and_ddim_and_gives_the_solvers_a_step_count():
+  def config(name, steps, learn_sigma=True):
+    return ml_collections.ConfigDict(dict(sampler=dict(name=name, steps=steps, eta=0.0),
+                                          diffusion=dict(learn_sigma=learn_sigma)))
+
+  base = schedules.make_schedule('linear', 1000)
+  schedule, options = samplers.from_config(config('ddim', 50), base)
+  assert schedule.num_steps == 50 and options == dict(eta=0.0, learn_sigma=True)
+  assert samplers.from_config(config('ddpm', 250), base)[0].num_steps == 250
+  schedule, options = samplers.from_config(config('heun', 18, learn_sigma=False), base)
+  assert schedule is base and options == dict(eta=0.0, learn_sigma=False, steps=18)
+  with pytest.raises(UserError, match=r"config.sampler.name='plms' is unknown"):
+    samplers.from_config(config('plms', 50), base)
+  with pytest.raises(UserError, match=r'config.sampler.steps=1001 must be in \[1, 1000\]'):
+    samplers.from_config(config('ddim', 1001), base)

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from visgen_jax import image_io
 from visgen_jax.bench.common import best_time
 from visgen_jax.models import patch_ablations
 from visgen_jax.models.adm_unet import ADMUNet
@@ -50,7 +51,6 @@ from visgen_jax.models.latent_mlp import LatentMLP
 from visgen_jax.models.patch_sharding import halo_bytes, sharded_denoiser
 from visgen_jax.models.patch_unet import PatchUNet, collage_denoiser, grid_positions, streaming_denoiser
 from visgen_jax.train import config as config_lib
-from visgen_jax.train import logging as vlog
 from visgen_jax.train import trainer
 
 SIZES = ((512, 1024), (1024, 2048), (2048, 4096))
@@ -120,7 +120,7 @@ def seam_scores() -> dict:
     s = trainer.setup(config)
     state, step = trainer.restore_latest(s, workdir)
     images = trainer.draw_samples(s, state, step)
-    vlog.save_png(os.path.join(workdir, f'seams_{mode}.png'), vlog.image_grid(images))
+    image_io.save_png(os.path.join(workdir, f'seams_{mode}.png'), image_io.image_grid(images))
     h, w = images.shape[1:3]
     patch = config.model.patch_size
     result[f'seam_score_{mode}'] = patch_ablations.seam_score(

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
+from visgen_jax import image_io
 from visgen_jax.diffusion import gmm
 from visgen_jax.diffusion import samplers
 from visgen_jax.diffusion import schedules
@@ -133,7 +134,7 @@ def plot(curves, floor, path):
          fill='black')
   d.text(((w - right + left) // 2 - 30, h - 30), 'NFE (log)', fill='black')
   d.text((10, top - 25), 'MMD^2 (log)', fill='black')
-  img.save(path)
+  image_io.save_png(path, np.asarray(img))
 
 
 def ddim50_images_per_s(unet):

@@ -17,7 +17,7 @@ centre (`--crop=center`, default) or at a seeded random place
 Each example holds 'image' (uint8 H x W x 3), 'index' (int64, its position in
 the dataset, used e.g. by Patch-DM's per-image code table) and 'file_name'
 (path relative to the source folder). Grayscale, palette, 16-bit and alpha
-images become RGB (alpha is composited on white). Files that cannot be read
+images become RGB as `visgen_jax.image_io` reads them (alpha on white). Files that cannot be read
 are skipped and listed in the report; they never abort the build.
 
 The dataset is written into a hidden temporary directory beside `out` and
@@ -39,9 +39,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
-from PIL import ImageOps
 
+from visgen_jax import image_io
 from visgen_jax.errors import UserError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp')
@@ -119,65 +118,13 @@ def list_images(src_dir: str) -> tuple[list[str], int]:
   return sorted(p.replace(os.sep, '/') for p in found), other
 
 
-def load_rgb(path, draft_hw: tuple[int, int] | None = None,
-             exif_transpose: bool = True) -> tuple[Image.Image, str]:
-  """Decodes an image (a path or a file object) fully as RGB.
-
-  Returns it and its original mode. `exif_transpose=False` keeps the stored
-  pixel order, which annotation maps made for the file are aligned with.
-  Raises whatever Pillow raises for a corrupt or truncated file.
-  """
-  with Image.open(path) as img:
-    mode = img.mode
-    if draft_hw is not None:
-      # JPEG can decode at 1/2, 1/4, 1/8 scale for free; ask for a size that
-      # still covers the target in either orientation (EXIF may rotate it).
-      side = max(draft_hw)
-      img.draft(None, (side, side))
-    img.load()
-    if exif_transpose:
-      img = ImageOps.exif_transpose(img)
-  if img.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I'):
-    # 16-bit grayscale: convert('RGB') would clip instead of rescaling.
-    gray = np.asarray(img, dtype=np.float64) / 257.0
-    img = Image.fromarray(np.clip(np.round(gray), 0, 255).astype(np.uint8))
-  if img.mode in ('RGBA', 'LA', 'PA') or (
-      img.mode == 'P' and 'transparency' in img.info):
-    rgba = img.convert('RGBA')
-    img = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-    img.alpha_composite(rgba)
-  if img.mode != 'RGB':
-    img = img.convert('RGB')
-  return img, mode
-
-
-def resize_and_crop(img: Image.Image, hw: tuple[int, int], crop: str,
-                    rng: np.random.Generator | None = None) -> np.ndarray:
-  """Resizes `img` to cover (H, W) keeping its aspect, then crops to (H, W)."""
-  h, w = hw
-  if crop == 'none':
-    return np.asarray(img.resize((w, h), Image.Resampling.BICUBIC))
-  scale = max(h / img.height, w / img.width)
-  # max(): rounding must not fall a pixel short of the target.
-  new_w = max(w, round(img.width * scale))
-  new_h = max(h, round(img.height * scale))
-  if (new_w, new_h) != img.size:
-    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-  if crop == 'center':
-    top, left = (new_h - h) // 2, (new_w - w) // 2
-  else:
-    top = int(rng.integers(new_h - h + 1))
-    left = int(rng.integers(new_w - w + 1))
-  return np.asarray(img)[top:top + h, left:left + w]
-
-
 def _prepare(src_dir: str, name: str, hw: tuple[int, int], crop: str,
              seed: int, ordinal: int):
   """Loads one file: (name, array, original mode) or (name, None, error)."""
   try:
-    img, mode = load_rgb(os.path.join(src_dir, name), draft_hw=hw)
+    img, mode = image_io.load_rgb(os.path.join(src_dir, name), draft_hw=hw)
     rng = np.random.default_rng([seed, ordinal])
-    return name, resize_and_crop(img, hw, crop, rng), mode
+    return name, image_io.resize_and_crop(img, hw, crop, rng), mode
   except Exception as e:  # pylint: disable=broad-except
     # Any failure to decode one file (corrupt, truncated, bomb, ...) is
     # reported and skipped: one bad file must not sink a long build.

@@ -133,6 +133,7 @@ from PIL import ImageDraw
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
+from visgen_jax import image_io
 from visgen_jax.data import folder
 from visgen_jax.data import pipeline
 from visgen_jax.data import sample_set
@@ -342,7 +343,7 @@ class BuildReport:
 
 def _image_record(data: bytes) -> tuple[bytes, tuple[int, int], str | None]:
   """(stored bytes, (H, W), original mode if converted) or raises."""
-  image, mode = folder.load_rgb(io.BytesIO(data), exif_transpose=False)
+  image, mode = image_io.load_rgb(io.BytesIO(data), exif_transpose=False)
   with Image.open(io.BytesIO(data)) as img:
     kind = img.format
   if mode == 'RGB' and kind in ('JPEG', 'PNG'):

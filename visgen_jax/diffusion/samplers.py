@@ -446,3 +446,19 @@ def sample(name: str, key, denoise_fn: Callable, schedule, x_T, **options):
     if eta != 0:
       raise UserError(f'eta={eta} applies only to the ddim sampler, not {name}.')
   return SAMPLERS[name](key, denoise_fn, schedule, x_T, **options)
+
+
+def from_config(config, base_schedule):
+  """(schedule, options) for `sample` from config.sampler (name, steps, eta) and
+  config.diffusion.learn_sigma: ddpm / ddim step on `base_schedule` respaced to
+  `steps`, the σ-solvers (euler, heun, dpmpp_2m) take `steps` on a Karras grid
+  of the full one."""
+  name, steps = config.sampler.name, config.sampler.steps
+  if name not in SAMPLERS:
+    raise UserError(f'config.sampler.name={name!r} is unknown; allowed: {", ".join(SAMPLERS)}.')
+  if not 0 < steps <= base_schedule.num_steps:
+    raise UserError(f'config.sampler.steps={steps} must be in [1, {base_schedule.num_steps}].')
+  options = dict(eta=config.sampler.eta, learn_sigma=config.diffusion.learn_sigma)
+  if name in ('ddpm', 'ddim'):
+    return schedules.respace(base_schedule, f'ddim{steps}' if name == 'ddim' else str(steps)), options
+  return base_schedule, dict(options, steps=steps)

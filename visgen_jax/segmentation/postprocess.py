@@ -15,8 +15,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from visgen_jax import image_io
 from visgen_jax.errors import UserError
-from visgen_jax.train import logging as vlog
 
 # Released MaskCLIP COCO config (configs/coco/maskformer2_R50_bs16_50ep.yaml) and
 # detectron2's TEST.DETECTIONS_PER_IMAGE.
@@ -164,7 +164,7 @@ def write_coco_panoptic(path, panoptic_map, segments_info, image_id, category_id
   if panoptic_map.ndim != 2:
     raise UserError(f'panoptic map must be [H, W], got shape {panoptic_map.shape}.')
   rgb = id_to_rgb(panoptic_map)
-  vlog.write_atomically(path, lambda tmp: Image.fromarray(rgb, 'RGB').save(tmp, format='PNG'))
+  image_io.write_atomically(path, lambda tmp: Image.fromarray(rgb, 'RGB').save(tmp, format='PNG'))
   entries = []
   for segment in segments_info:
     ys, xs = np.nonzero(panoptic_map == segment['id'])
@@ -196,4 +196,4 @@ def write_coco_panoptic_json(path, annotations, categories):
     with open(tmp, 'w') as f:
       f.write(payload)
 
-  vlog.write_atomically(path, write)
+  image_io.write_atomically(path, write)

@@ -1,9 +1,10 @@
-"""Plain ADM diffusion: guided-diffusion's UNet, ε/learned-variance loss, any sampler."""
+"""Plain ADM diffusion: guided-diffusion's UNet, ε/learned-variance loss, any sampler;
+--mode=inpaint / outpaint / sdedit edit an input image (diffusion.editing.commands)."""
 
 import jax
 import jax.numpy as jnp
 
-from visgen_jax.diffusion import losses, samplers, schedules
+from visgen_jax.diffusion import editing, losses, samplers, schedules
 from visgen_jax.errors import UserError
 from visgen_jax.models.adm_unet import ADMUNet
 from visgen_jax.systems import System
@@ -12,20 +13,6 @@ from visgen_jax.systems import System
 def make_unet(model_config, compute_dtype='float32') -> ADMUNet:
   """ADMUNet from a config group (0 means 'off' for num_classes and code_dim)."""
   return ADMUNet(**model_config, dtype=jnp.dtype(compute_dtype))
-
-
-def sampler_setup(config, base_schedule):
-  """(schedule, options) for config.sampler: ddpm/ddim step on a respaced schedule,
-  the σ-solvers (euler, heun, dpmpp_2m) take `steps` on a Karras grid of the full one."""
-  name, steps = config.sampler.name, config.sampler.steps
-  if name not in samplers.SAMPLERS:
-    raise UserError(f'config.sampler.name={name!r} is unknown; allowed: {", ".join(samplers.SAMPLERS)}.')
-  if not 0 < steps <= base_schedule.num_steps:
-    raise UserError(f'config.sampler.steps={steps} must be in [1, {base_schedule.num_steps}].')
-  options = dict(eta=config.sampler.eta, learn_sigma=config.diffusion.learn_sigma)
-  if name in ('ddpm', 'ddim'):
-    return schedules.respace(base_schedule, f'ddim{steps}' if name == 'ddim' else str(steps)), options
-  return base_schedule, dict(options, steps=steps)
 
 
 def make(config) -> System:
@@ -39,7 +26,7 @@ def make(config) -> System:
                     f'{config.diffusion.learn_sigma} needs {want_out}.')
   unet = make_unet(config.model, config.compute_dtype)
   base = schedules.make_schedule(config.diffusion.noise_schedule, config.diffusion.num_timesteps)
-  sample_schedule, sample_options = sampler_setup(config, base)
+  sample_schedule, sample_options = samplers.from_config(config, base)
   if config.sampler.guidance_scale:
     raise UserError('config.sampler.guidance_scale: classifier-free guidance needs a model trained with '
                     'condition dropout; the adm system is unconditional, leave it at 0.')
@@ -57,12 +44,16 @@ def make(config) -> System:
         p2_gamma=config.diffusion.p2_gamma, p2_k=config.diffusion.p2_k)
     return per_example.mean(), {k: jnp.mean(v) for k, v in aux.items()}
 
+  def run_sampler(params, key, x_T, **options):
+    denoise_fn = lambda x_t, t: unet.apply({'params': params}, x_t, t).astype(jnp.float32)
+    return samplers.sample(config.sampler.name, key, denoise_fn, sample_schedule, x_T,
+                           **sample_options, **options)
+
   @jax.jit
   def sample(params, key):
     noise_key, sample_key = jax.random.split(key)
-    x_T = jax.random.normal(noise_key, (config.sample.num, res, res, 3))
-    denoise_fn = lambda x_t, t: unet.apply({'params': params}, x_t, t).astype(jnp.float32)
-    return samplers.sample(config.sampler.name, sample_key, denoise_fn, sample_schedule, x_T,
-                           **sample_options)
+    return run_sampler(params, sample_key, jax.random.normal(noise_key, (config.sample.num, res, res, 3)))
 
-  return System(init=init, loss_fn=loss_fn, sample=sample)
+  return System(init=init, loss_fn=loss_fn, sample=sample,
+                commands=editing.commands(config, run_sampler, sample_schedule.num_steps, (res, res),
+                                          'model.image_size'))

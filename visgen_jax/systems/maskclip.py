@@ -36,8 +36,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
+from visgen_jax import image_io
 from visgen_jax.convert.clip import load_clip_checkpoint
 from visgen_jax.data import folder
 from visgen_jax.data import segmentation as seg_data
@@ -229,12 +231,7 @@ def segment_inputs(config):
                     'config.classes.')
   if not config.image:
     raise UserError('--mode=segment needs --config.image=PATH (the image to segment).')
-  try:
-    image, _ = folder.load_rgb(config.image)
-  except FileNotFoundError:
-    raise UserError(f'config.image={config.image!r}: no such file.') from None
-  except OSError as e:
-    raise UserError(f'config.image={config.image!r} is not a readable image ({e}).') from None
+  image = Image.fromarray(image_io.read_rgb(config.image, 'config.image'))
   if not config.proposals:
     raise UserError('--mode=segment needs --config.proposals=PATH.npz (mask proposals for the image; '
                     'format: visgen_jax/data/segmentation.py).')
@@ -279,7 +276,10 @@ def accumulate(semantic, panoptic, instance, logits, masks, gt_masks, gt_classes
 
 
 def write_segmentation(workdir, image_path, image, names, is_thing, logits, masks, options):
-  """overlay.png, masks/<class>.png, panoptic.png + panoptic.json for one image, all or nothing."""
+  """overlay.png, masks/<class>.png, panoptic.png + panoptic.json for one image, all or nothing,
+  from process 0 only."""
+  if not image_io.is_writer():
+    return
   stem = os.path.splitext(os.path.basename(image_path))[0]
   out_root = os.path.join(workdir, 'segment')
   os.makedirs(out_root, exist_ok=True)
@@ -295,15 +295,15 @@ def write_segmentation(workdir, image_path, image, names, is_thing, logits, mask
     os.makedirs(os.path.join(tmp, 'masks'))
     if semantic is not None:
       for c in np.unique(semantic):
-        vlog.save_png(os.path.join(tmp, 'masks', f'{_file_name(names[c])}.png'),
+        image_io.save_png(os.path.join(tmp, 'masks', f'{_file_name(names[c])}.png'),
                       np.repeat(((semantic == c) * 255).astype(np.uint8)[..., None], 3, -1))
-    vlog.save_png(os.path.join(tmp, 'overlay.png'), overlay(image, pan_map))
+    image_io.save_png(os.path.join(tmp, 'overlay.png'), overlay(image, pan_map))
     categories = [{'id': i, 'name': n, 'isthing': int(t)} for i, (n, t) in enumerate(zip(names, is_thing))]
     entry = postprocess.write_coco_panoptic(os.path.join(tmp, 'panoptic.png'), pan_map, segments, stem)
     for segment, info in zip(entry['segments_info'], [s for s in segments if s['area']]):
       segment['score'] = info['score']
     postprocess.write_coco_panoptic_json(os.path.join(tmp, 'panoptic.json'), [entry], categories)
-    os.chmod(tmp, 0o777 & ~vlog.umask())  # mkdtemp makes it private
+    os.chmod(tmp, 0o777 & ~image_io.umask())  # mkdtemp makes it private
     final = os.path.join(out_root, stem)
     if os.path.isdir(final):
       shutil.rmtree(final)

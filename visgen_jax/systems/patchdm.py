@@ -1,5 +1,6 @@
 """Patch-DM: a patch UNet with feature collage, trained on 2×2 patch windows,
-sampled at any size; --mode=outpaint / --mode=inpaint edit an input image.
+sampled at any size; --mode=outpaint / inpaint / sdedit edit an input image
+(diffusion.editing.commands on a sample.size canvas).
 
 The global semantic code, both ways of the paper (model.code_source):
   'table'   — params {'unet', 'codes': [num_codes, code_dim], 'latent'}: one
@@ -68,6 +69,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from visgen_jax import image_io
 from visgen_jax.data import folder, pipeline
 from visgen_jax.diffusion import editing, gaussian, losses, samplers, schedules
 from visgen_jax.convert.clip import load_clip_checkpoint
@@ -80,8 +82,6 @@ from visgen_jax.models.patch_unet import (
     PatchUNet, check_band_rows, collage_denoiser, grid_positions, streaming_denoiser, to_patches)
 from visgen_jax.models.semantic_encoder import SemanticEncoder
 from visgen_jax.systems import System
-from visgen_jax.systems.adm import sampler_setup
-from visgen_jax.train import logging as vlog
 from visgen_jax.train import sharding
 from visgen_jax.train.config import base_config
 
@@ -114,13 +114,13 @@ def clip_preprocess(images, size: int) -> np.ndarray:
   tower normalises with CLIP's mean and std itself)."""
   out = []
   for image in np.asarray(images, np.float32):
-    im = Image.fromarray(np.clip(np.rint((image + 1) * 127.5), 0, 255).astype(np.uint8))
+    im = Image.fromarray(image_io.to_uint8(image))
     w, h = im.size
     scale = size / min(w, h)
     im = im.resize((size, int(h * scale)) if w <= h else (int(w * scale), size), Image.BICUBIC)
     w, h = im.size
     top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
-    out.append(np.asarray(im.crop((left, top, left + size, top + size)), np.float32) / 127.5 - 1)
+    out.append(image_io.to_float(im.crop((left, top, left + size, top + size))))
   return np.stack(out)
 
 
@@ -269,18 +269,6 @@ def window_losses(shifted, plain, noise, inside):
   return mse_collage, jnp.mean(err, axis=(1, 2, 3, 4, 5))
 
 
-def load_image(path: str, key: str):
-  """An RGB image file as float32 [H, W, 3] in [-1, 1]."""
-  if not path or not os.path.isfile(path):
-    raise UserError(f'config.{key}={path!r}: no such image file; give the path of a PNG or JPEG.')
-  try:
-    with Image.open(path) as im:
-      pixels = np.asarray(im.convert('RGB'), np.float32)
-  except OSError:
-    raise UserError(f'config.{key}={path!r} is not an image Pillow can read.') from None
-  return pixels / 127.5 - 1
-
-
 def make(config) -> System:
   m = config.model
   patch = m.patch_size
@@ -363,7 +351,7 @@ def make(config) -> System:
   if encoder_hw:
     encoder = make_encoder(m, config.compute_dtype)
   base = schedules.make_schedule(config.diffusion.noise_schedule, config.diffusion.num_timesteps)
-  sample_schedule, sample_options = sampler_setup(config, base)
+  sample_schedule, sample_options = samplers.from_config(config, base)
   half = patch // 2
 
   def init(key, batch):
@@ -478,55 +466,9 @@ def make(config) -> System:
     x_T = jax.random.normal(noise_key, (config.sample.num, *sample_hw, m.in_channels))
     return run_sampler(params, key, x_T)
 
-  def edit(params, key, workdir, known, mask, name):
-    """RePaint-style: the known region is replaced by its noised version every step."""
-    n = config.sample.num
-    known = jnp.broadcast_to(jnp.asarray(known), (n, *sample_hw, m.in_channels))
-    inpaint = editing.Inpaint(known, jnp.asarray(mask)[None], config.edit.jump_length, config.edit.resamples)
-    inpaint.validate(known.shape)
-    noise_key, key = jax.random.split(key)
-    x_T = jax.random.normal(noise_key, known.shape)
-    images = jax.device_get(jax.jit(lambda p, k, x: run_sampler(p, k, x, inpaint=inpaint))(params, key, x_T))
-    out = os.path.join(workdir, name)
-    os.makedirs(out, exist_ok=True)
-    for i, image in enumerate(vlog.to_uint8(images)):
-      vlog.save_png(os.path.join(out, f'{i:05d}.png'), image)
-    print(f'Wrote {n} images to {out}', flush=True)
-
-  def outpaint(params, key, workdir):
-    image = load_image(config.edit.input, 'edit.input')
-    h, w = image.shape[:2]
-    if h > sample_hw[0] or w > sample_hw[1]:
-      raise UserError(f'config.edit.input is {h}x{w}, larger than the canvas sample.size='
-                      f'{sample_hw[0]}x{sample_hw[1]}; outpainting needs a larger canvas.')
-    if (h, w) == sample_hw:
-      raise UserError(f'config.edit.input fills the whole {h}x{w} canvas (sample.size), so the outpainting '
-                      'mask covers everything; choose a larger sample.size.')
-    top, left = (sample_hw[0] - h) // 2, (sample_hw[1] - w) // 2
-    known = np.zeros((*sample_hw, m.in_channels), np.float32)
-    known[top:top + h, left:left + w] = image
-    mask = np.zeros((*sample_hw, 1), np.float32)
-    mask[top:top + h, left:left + w] = 1
-    edit(params, key, workdir, known, mask, 'outpaint')
-
-  def inpaint(params, key, workdir):
-    image = load_image(config.edit.input, 'edit.input')
-    holes = load_image(config.edit.mask, 'edit.mask')
-    if image.shape[:2] != sample_hw or holes.shape[:2] != sample_hw:
-      raise UserError(f'config.edit.input ({image.shape[0]}x{image.shape[1]}) and config.edit.mask '
-                      f'({holes.shape[0]}x{holes.shape[1]}) must both be sample.size='
-                      f'{sample_hw[0]}x{sample_hw[1]}.')
-    mask = (holes.mean(axis=-1, keepdims=True) < 0).astype(np.float32)  # white (> mid-grey) = fill in
-    if mask.all():
-      raise UserError(f'config.edit.mask={config.edit.mask!r} has no white pixels: nothing to inpaint.')
-    if not mask.any():
-      raise UserError(f'config.edit.mask={config.edit.mask!r} is white everywhere, so the mask covers '
-                      'everything; mark only the regions to fill in white.')
-    edit(params, key, workdir, image, mask, 'inpaint')
-
   second_stage = lat.enabled and lat.stage == 'second'
   return System(init=init, loss_fn=second_stage_loss_fn if second_stage else loss_fn, sample=sample,
-                commands={'outpaint': outpaint, 'inpaint': inpaint},
+                commands=editing.commands(config, run_sampler, sample_schedule.num_steps, sample_hw, 'sample.size'),
                 load_pretrained=load_pretrained if m.code_init == 'clip' and not second_stage else None)
 
 
@@ -590,7 +532,7 @@ def default_config(resolution, sample_num: int = 4):
       batch_size=512, loss_weight=1.0, sample_steps=50,
       znormalize=False,  # True: codes → (codes - mean) / std per dimension, over the table
       stage='joint'))  # or 'second': only the latent DPM, on a finished run (init_from, frozen)
-  c.edit = ml_collections.ConfigDict(dict(input='', mask='', jump_length=1, resamples=1))
+  c.edit = editing.edit_config()
   return c
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from visgen_jax import image_io
 from visgen_jax.data import pipeline
 from visgen_jax.errors import TrainingDiverged, UserError
 from visgen_jax.systems import System, get_system
@@ -147,11 +148,8 @@ def draw_samples(s: Setup, state, step: int):
 
 
 def _save_samples(s: Setup, state, step, workdir, writer):
-  images = draw_samples(s, state, step)
-  grid = vlog.image_grid(images)
-  if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
-    vlog.save_png(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), grid)
+  grid = image_io.image_grid(draw_samples(s, state, step))
+  image_io.save_png(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), grid)
   writer.write_images(step, 'samples', grid)
 
 
@@ -343,11 +341,6 @@ def _sample_to_pngs(s: Setup, state, workdir: str):
   """config.sample.num images, one PNG each plus a grid."""
   step = int(jax.device_get(state['step']))
   images = draw_samples(s, state, step)
-  if jax.process_index() != 0:
-    return
   out = os.path.join(workdir, 'samples', f'sample_step{step}')
-  os.makedirs(out, exist_ok=True)
-  for i, image in enumerate(vlog.to_uint8(images)):
-    vlog.save_png(os.path.join(out, f'{i:05d}.png'), image)
-  vlog.save_png(os.path.join(out, 'grid.png'), vlog.image_grid(images))
+  image_io.save_pngs(out, images)
   _say(f'Wrote {len(images)} samples to {out}')
