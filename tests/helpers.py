@@ -1,6 +1,7 @@
 """Running the CLI in a subprocess, as users do; random weights without an init compile."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -22,6 +23,23 @@ def run_main(*args, devices=1, env=None, timeout=600, check=False):
   if check and result.returncode != 0:
     raise AssertionError(f'exit {result.returncode}\n{result.stderr[-4000:]}')
   return result
+
+
+def run_distributed(*args, processes=2, timeout=600):
+  """`processes` CLI processes (one CPU device each) of one distributed run on localhost; each's
+  (stdout, stderr), after checking that all exited with 0."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'visgen_jax.main', *args, '--distributed', f'--coordinator_address=localhost:{port}',
+       f'--num_processes={processes}', f'--process_id={i}'],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(processes)]
+  outputs = [p.communicate(timeout=timeout) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-4000:]
+  return outputs
 
 
 def import_open_clip():

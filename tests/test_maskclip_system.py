@@ -1,6 +1,8 @@
-"""MaskCLIP recipe end to end on the tiny config: train, --mode=eval, --mode=segment,
-the metrics wiring, and bad input (one sentence, exit 2, nothing written)."""
+"""MaskCLIP recipe end to end on the tiny config: train (evaluating as it goes), --mode=eval
+(on one and on two processes, against the metrics fed directly), --mode=segment, the metrics
+wiring, and bad input (one sentence, exit 2, nothing written)."""
 
+import itertools
 import json
 import os
 
@@ -9,24 +11,30 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import run_main
+from tests.helpers import run_distributed, run_main
 from visgen_jax.data import segmentation as seg_data
 from visgen_jax.errors import UserError
 from visgen_jax.eval import segmentation as seg_metrics
-from visgen_jax.systems import maskclip
+from visgen_jax.segmentation import postprocess
+from visgen_jax.systems import get_system, maskclip
+from visgen_jax.train import checkpoint
 from visgen_jax.train import config as config_lib
 from visgen_jax.train import trainer
 
 TINY = 'configs/maskclip_coco.py:tiny'
 CLASSES = 'circle,square,triangle,sky,grass'
+EVAL_IMAGES = 3
+EVAL = f'--config.evals.seg.max_images={EVAL_IMAGES}'
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """A tiny MaskCLIP trained for 2 steps, and one sample image with its proposals."""
+  """A tiny MaskCLIP trained for 2 steps (evaluated at step 2), and one sample image with its
+  proposals."""
   root = tmp_path_factory.mktemp('maskclip')
   workdir = str(root / 'run')
-  run_main(f'--config={TINY}', f'--workdir={workdir}', '--config.total_steps=2', check=True)
+  run_main(f'--config={TINY}', f'--workdir={workdir}', '--config.total_steps=2', '--config.eval_every=2',
+           EVAL, check=True)
   image, ids, segments = seg_data.sample_example(3)
   Image.fromarray(image).save(root / 'shapes.png')
   seg_data.save_proposals(str(root / 'shapes.npz'), np.stack([ids == s[0] for s in segments]))
@@ -35,14 +43,20 @@ def trained(tmp_path_factory):
 
 def test_eval_segment_zero_proposals_and_a_cli_mistake(trained):
   root, workdir = trained
-  result = run_main(f'--config={TINY}', f'--workdir={workdir}', '--mode=eval', '--config.eval.max_images=3',
-                    check=True)
+  result = run_main(f'--config={TINY}', f'--workdir={workdir}', '--mode=eval', EVAL, check=True)
   printed = json.loads(result.stdout.strip().splitlines()[-1])
-  assert printed['images'] == 3
+  assert printed['step'] == 2 and printed['seg/images'] == EVAL_IMAGES
   for key in ('semantic/miou', 'panoptic/pq', 'panoptic/pq_th', 'panoptic/pq_st', 'instance/ap'):
-    assert 0.0 <= printed[key] <= 1.0
-  with open(os.path.join(workdir, 'eval', 'eval_seg_sample_train.json')) as f:
+    assert 0.0 <= printed[f'seg/{key}'] <= 1.0
+  with open(os.path.join(workdir, 'eval', 'step_0000002.json')) as f:
     assert json.load(f) == printed
+  # Training evaluated the same parameters at step 2 (eval_every=2).
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    logged = [json.loads(line) for line in f if 'seg/images' in line]
+  assert logged == [printed]
+  assert {f'seg/{k}': v for k, v in metrics_fed_directly(workdir).items()} == {
+      k: v for k, v in printed.items() if k != 'step'}
+  _check_two_processes_print_the_same(workdir, printed)
 
   run_main(f'--config={TINY}', f'--workdir={workdir}', '--mode=segment', f'--config.classes={CLASSES}',
            f'--config.image={root / "shapes.png"}', f'--config.proposals={root / "shapes.npz"}', check=True)
@@ -60,6 +74,50 @@ def test_eval_segment_zero_proposals_and_a_cli_mistake(trained):
   # In the same test: the trained model is built once per run (and once per xdist worker).
   _check_zero_proposals_give_a_defined_empty_result(root, workdir)
   _check_cli_mistake_exits_2_with_one_sentence_and_writes_nothing(root, workdir)
+
+
+def metrics_fed_directly(workdir):
+  """The first EVAL_IMAGES images of the tiny set through the trained model, post-processed and
+  fed to the metric classes here, not by the evaluator."""
+  config = config_lib.load_config(TINY)
+  _, info = seg_data.make_segmentation_source(config.data)
+  params = checkpoint.restore_latest_params(os.path.join(workdir, 'checkpoints'), ema=False)
+  predict = get_system(config).segmenter(params, info.class_names)
+  is_thing = np.array([bool(c['isthing']) for c in info.categories])
+  options = config.inference
+  semantic = seg_metrics.SemanticMetric(len(is_thing), ignore_label=-1)
+  panoptic = seg_metrics.PanopticMetric([dict(c, id=i) for i, c in enumerate(info.categories)])
+  instance = seg_metrics.InstanceMetric(len(is_thing))
+  data = seg_data.make_segmentation_iterator(config.data, local_batch_size=1, train=False)
+  for batch in itertools.islice(data, EVAL_IMAGES):
+    example = {k: v[0] for k, v in batch.items()}
+    logits, masks = predict(example)
+    h, w = example['valid_hw']
+    gt_masks = example['target_masks'][example['target_valid']][:, :h, :w]
+    gt_classes = example['target_classes'][example['target_valid']]
+    gt_semantic = np.full((h, w), -1)
+    gt_panoptic = np.zeros((h, w), int)
+    for k, (mask, label) in enumerate(zip(gt_masks, gt_classes)):
+      gt_semantic[mask], gt_panoptic[mask] = label, k + 1
+    semantic.update(postprocess.semantic_inference(logits, masks).argmax(0), gt_semantic)
+    panoptic.update(*postprocess.panoptic_inference(logits, masks, is_thing, options.object_mask_threshold,
+                                                    options.overlap_threshold),
+                    gt_panoptic, [{'id': k + 1, 'category_id': int(c)} for k, c in enumerate(gt_classes)])
+    thing = is_thing[gt_classes]
+    instance.update(*postprocess.instance_inference(logits, masks, options.topk, is_thing),
+                    gt_masks[thing], gt_classes[thing])
+  data.close()
+  return {'images': EVAL_IMAGES, **{f'semantic/{k}': v for k, v in semantic.compute().items()},
+          **{f'panoptic/{k}': v for k, v in panoptic.compute().items()},
+          **{f'instance/{k}': v for k, v in instance.compute().items()}}
+
+
+def _check_two_processes_print_the_same(workdir, printed):
+  """Each of two processes evaluates its half of the images; the reduced results are the same."""
+  outputs = run_distributed(f'--config={TINY}', f'--workdir={workdir}', '--mode=eval', EVAL)
+  json_lines = [[line for line in out.splitlines() if line.startswith('{')] for out, _ in outputs]
+  assert json_lines[1] == []  # process 0 alone prints
+  assert json.loads(json_lines[0][-1]) == printed
 
 
 def _segment(workdir, **overrides):
@@ -121,23 +179,20 @@ def test_perfect_predictions_score_one_on_every_metric():
   logits = np.full((len(segments), num_classes + 1), -20.0, np.float32)
   logits[np.arange(len(segments)), gt_classes] = 20.0
   masks = np.where(gt_masks, 10.0, -10.0).astype(np.float32)
-  semantic = seg_metrics.SemanticMetric(num_classes, ignore_label=-1)
-  panoptic = seg_metrics.PanopticMetric([dict(c, id=i) for i, c in enumerate(categories)])
-  instance = seg_metrics.InstanceMetric(num_classes)
   options = config_lib.load_config(TINY).inference
-  maskclip.accumulate(semantic, panoptic, instance, logits, masks, gt_masks, gt_classes, is_thing, options)
-  assert semantic.compute()['pixel_acc'] == 1.0
-  assert panoptic.compute()['pq'] == pytest.approx(1.0)
+  perfect = seg_metrics.SegmentationMetrics(categories, options)
+  perfect.add(logits, masks, gt_masks, gt_classes, image_id=0)
+  result = perfect.compute()
+  assert result['semantic/pixel_acc'] == 1.0
+  assert result['panoptic/pq'] == pytest.approx(1.0)
   if is_thing[gt_classes].any():
-    assert instance.compute()['ap'] == pytest.approx(1.0)
+    assert result['instance/ap'] == pytest.approx(1.0)
   # And a wrong class everywhere scores zero PQ.
-  wrong = seg_metrics.PanopticMetric([dict(c, id=i) for i, c in enumerate(categories)])
+  wrong = seg_metrics.SegmentationMetrics(categories, options)
   wrong_logits = np.full_like(logits, -20.0)
   wrong_logits[np.arange(len(segments)), (gt_classes + 1) % num_classes] = 20.0
-  maskclip.accumulate(seg_metrics.SemanticMetric(num_classes, ignore_label=-1), wrong,
-                      seg_metrics.InstanceMetric(num_classes), wrong_logits, masks, gt_masks, gt_classes,
-                      is_thing, options)
-  assert wrong.compute()['pq'] == 0.0
+  wrong.add(wrong_logits, masks, gt_masks, gt_classes, image_id=0)
+  assert wrong.compute()['panoptic/pq'] == 0.0
 
 
 def test_vocabulary_parsing():

@@ -4,7 +4,6 @@ checkpoints, 8 simulated devices (data parallel and FSDP), 2 processes."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.helpers import ROOT, run_main
+from tests.helpers import ROOT, run_distributed, run_main
 
 # The tiny ADM config made smaller still: these tests are about the loop, not the model.
 SMALL = ['--config=configs/adm_ffhq256.py:tiny', '--config.data.resolution=16',
@@ -118,21 +117,7 @@ def test_eight_devices_data_and_fsdp_match_one_device(uninterrupted, tmp_path):
                      rtol=1e-5, atol=1e-6)
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(uninterrupted, tmp_path):
-  port = free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'visgen_jax.main', *SMALL, '--config.total_steps=6', f'--workdir={tmp_path}',
-       '--distributed', f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-4000:]
+  run_distributed(*SMALL, '--config.total_steps=6', f'--workdir={tmp_path}')
   assert_trees_equal(final_state(uninterrupted, 6)[1]['params'], final_state(tmp_path)[1]['params'],
                      rtol=1e-5, atol=1e-6)

@@ -1,7 +1,7 @@
 """The one entry point.
 
   python -m visgen_jax.main --config=configs/<experiment>.py[:variant] --workdir=DIR \\
-      [--mode=train|sample|<system command>] [--config.key=value ...]
+      [--mode=train|sample|eval|<system command>] [--config.key=value ...]
 
 Mistakes a user can fix (a wrong key, a value of the wrong type, a missing
 dataset, a mesh the devices cannot form) end with one sentence and exit code 2,
@@ -17,7 +17,7 @@ from visgen_jax.errors import UserError
 
 flags.DEFINE_string('config', None, 'configs/<experiment>.py[:variant]; override keys with --config.key=value.')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
-flags.DEFINE_string('mode', 'train', 'train, sample, or a command of the system (e.g. outpaint).')
+flags.DEFINE_string('mode', 'train', 'train, sample, eval (the evaluators of config.evals), or a command of the system (e.g. outpaint).')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host: TPU pod, SLURM, or the flags below).')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host without a cluster environment).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host without a cluster environment).')

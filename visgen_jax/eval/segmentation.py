@@ -1,4 +1,5 @@
-"""Streaming segmentation metrics: update once per image, `merge` across workers, `compute`.
+"""The 'segmentation' evaluator and its streaming metrics (update once per image, `merge`
+across processes, `compute`).
 
 SemanticMetric  mIoU, frequency-weighted IoU, pixel and mean class accuracy from a confusion
                 matrix (detectron2's SemSegEvaluator definitions).
@@ -7,16 +8,25 @@ PanopticMetric  PQ, SQ, RQ over all, thing and stuff categories with the rules o
                 truth) left out of the union, crowd regions and VOID absorbing unmatched
                 predictions that lie more than half inside them.
 InstanceMetric  mask AP, AP50, AP75 (and by area) with pycocotools' COCOeval, iouType='segm'.
+SegmentationMetrics  the three, fed one image's mask-classification output at a time.
 
 All values are fractions in [0, 1] (not percentages).
 """
 
 import contextlib
 import io
+import itertools
+import os
 
+import jax
+import ml_collections
 import numpy as np
+from tqdm import tqdm
 
+from visgen_jax.data import segmentation as seg_data
 from visgen_jax.errors import UserError
+from visgen_jax.eval import merge_over_processes, process_local, register
+from visgen_jax.segmentation import postprocess
 
 # Packs (ground-truth id, predicted id) into one integer, as panopticapi does.
 _OFFSET = 256 ** 3
@@ -96,7 +106,11 @@ class PanopticMetric:
     self.isthing = {int(c['id']): bool(c['isthing']) for c in categories}
     if not self.isthing:
       raise UserError('PanopticMetric needs at least one category.')
-    self.stats = {c: np.zeros(4) for c in self.isthing}  # iou sum, tp, fp, fn
+    # Per category: (image id, IoU) of every match (TP = their number), FP and FN counts. The
+    # IoUs are summed in image-id order, so metrics merged from shards of a dataset give exactly
+    # the sum of one pass over it.
+    self.matched_ious = {c: [] for c in self.isthing}
+    self.false = {c: np.zeros(2, np.int64) for c in self.isthing}  # FP, FN
     self.num_images = 0
 
   def _segments(self, name, segments, id_map):
@@ -119,10 +133,12 @@ class PanopticMetric:
       by_id[segment_id]['area'] = count
     return by_id
 
-  def update(self, pred_map, pred_segments, gt_map, gt_segments):
+  def update(self, pred_map, pred_segments, gt_map, gt_segments, image_id=None):
     """Maps are segment ids [H, W] (0 = VOID / unlabelled); segments are dicts with id and
     category_id (and iscrowd for the ground truth). Predicted segments with no pixel are
-    ignored."""
+    ignored. image_id (default: the number of images added before) orders the sums; give it
+    when merging metrics fed from one dataset."""
+    image_id = self.num_images if image_id is None else int(image_id)
     gt_map = _label_map('ground-truth panoptic map', gt_map)
     pred_map = _label_map('predicted panoptic map', pred_map, gt_map.shape)
     gt = self._segments('ground-truth', gt_segments, gt_map)
@@ -141,16 +157,14 @@ class PanopticMetric:
       union = p['area'] + g['area'] - intersection - overlap.get((0, pred_id), 0)
       iou = intersection / union
       if iou > 0.5:
-        stats = self.stats[g['category']]
-        stats[0] += iou
-        stats[1] += 1
+        self.matched_ious[g['category']].append((image_id, iou))
         matched_gt.add(gt_id)
         matched_pred.add(pred_id)
 
     crowd_of = {g['category']: gt_id for gt_id, g in gt.items() if g['iscrowd']}
     for gt_id, g in gt.items():
       if gt_id not in matched_gt and not g['iscrowd']:
-        self.stats[g['category']][3] += 1
+        self.false[g['category']][1] += 1
     for pred_id, p in pred.items():
       if pred_id in matched_pred:
         continue
@@ -159,18 +173,23 @@ class PanopticMetric:
         absorbed += overlap.get((crowd_of[p['category']], pred_id), 0)
       if absorbed / p['area'] > 0.5:
         continue
-      self.stats[p['category']][2] += 1
+      self.false[p['category']][0] += 1
     self.num_images += 1
 
   def merge(self, other: 'PanopticMetric'):
-    for category, stats in other.stats.items():
-      self.stats[category] += stats
+    for category, ious in other.matched_ious.items():
+      self.matched_ious[category].extend(ious)
+      self.false[category] += other.false[category]
     self.num_images += other.num_images
 
   def per_class(self):
     """{category id: {pq, sq, rq}} for categories with any TP, FP or FN."""
     result = {}
-    for category, (iou, tp, fp, fn) in self.stats.items():
+    for category, ious in self.matched_ious.items():
+      iou, tp = 0.0, len(ious)
+      for _, value in sorted(ious, key=lambda pair: pair[0]):  # one by one: sum() compensates
+        iou += value
+      fp, fn = self.false[category].tolist()
       if tp + fp + fn == 0:
         continue
       denominator = tp + 0.5 * fp + 0.5 * fn
@@ -203,7 +222,7 @@ class InstanceMetric:
     if num_classes < 1:
       raise UserError(f'InstanceMetric needs num_classes >= 1, got {num_classes}.')
     self.num_classes = num_classes
-    self.images = []  # per image: (height, width, ground truths, detections)
+    self.images = {}  # image id -> (height, width, ground truths, detections)
 
   def _encoded(self, name, masks, labels, shape=None):
     from pycocotools import mask as mask_utils
@@ -219,9 +238,12 @@ class InstanceMetric:
     rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
     return rles, labels.tolist()
 
-  def update(self, pred_masks, pred_scores, pred_labels, gt_masks, gt_labels, gt_iscrowd=None):
+  def update(self, pred_masks, pred_scores, pred_labels, gt_masks, gt_labels, gt_iscrowd=None,
+             image_id=None):
     """Predictions [N, H, W] bool with scores [N] and labels [N]; ground truth [G, H, W] bool
-    with labels [G] and optional iscrowd [G]."""
+    with labels [G] and optional iscrowd [G]. COCOeval orders images by id (which decides ties
+    between scores of different images); image_id defaults to the number of images added before,
+    give it when merging metrics fed from one dataset."""
     gt_masks = np.asarray(gt_masks)
     if gt_masks.ndim != 3:
       raise UserError(f'ground-truth masks must be [G, H, W], got shape {gt_masks.shape}.')
@@ -235,11 +257,18 @@ class InstanceMetric:
              else np.asarray(gt_iscrowd, bool).reshape(-1))
     if crowd.shape[0] != len(gt_rles):
       raise UserError('gt_iscrowd needs one flag per ground-truth mask.')
-    self.images.append((height, width, list(zip(gt_rles, gt_labels, crowd.tolist())),
-                        list(zip(pred_rles, pred_labels, pred_scores.tolist()))))
+    image_id = len(self.images) if image_id is None else int(image_id)
+    if image_id in self.images:
+      raise ValueError(f'InstanceMetric already holds image id {image_id}.')
+    self.images[image_id] = (height, width, list(zip(gt_rles, gt_labels, crowd.tolist())),
+                             list(zip(pred_rles, pred_labels, pred_scores.tolist())))
 
   def merge(self, other: 'InstanceMetric'):
-    self.images.extend(other.images)
+    repeated = sorted(self.images.keys() & other.images.keys())
+    if repeated:
+      raise ValueError(f'InstanceMetric.merge: both hold image ids {repeated[:5]}; give each image '
+                       'its own image_id.')
+    self.images.update(other.images)
 
   def compute(self):
     """{ap, ap50, ap75, ap_small, ap_medium, ap_large}; -1 where COCO finds no ground truth."""
@@ -249,7 +278,7 @@ class InstanceMetric:
     if not self.images:
       raise UserError('InstanceMetric saw no image.')
     images, gts, dets = [], [], []
-    for image_id, (height, width, gt, det) in enumerate(self.images, start=1):
+    for image_id, (height, width, gt, det) in self.images.items():
       images.append({'id': image_id, 'height': height, 'width': width})
       for rle, label, iscrowd in gt:
         gts.append({'id': len(gts) + 1, 'image_id': image_id, 'category_id': label + 1,
@@ -273,3 +302,115 @@ class InstanceMetric:
       evaluator.summarize()
     names = ('ap', 'ap50', 'ap75', 'ap_small', 'ap_medium', 'ap_large')
     return {name: float(value) for name, value in zip(names, evaluator.stats[:6])}
+
+
+class SegmentationMetrics:
+  """The three metrics over images whose masks a model classified (MaskCLIP's output).
+
+  categories: ({isthing, ...}, ...) by class index; options: the post-processing settings
+  object_mask_threshold, overlap_threshold and topk (see segmentation/postprocess.py).
+  """
+
+  def __init__(self, categories, options):
+    self.is_thing = np.array([bool(c['isthing']) for c in categories])
+    self.object_mask_threshold = options.object_mask_threshold
+    self.overlap_threshold = options.overlap_threshold
+    self.topk = options.topk
+    self.semantic = SemanticMetric(len(categories), ignore_label=-1)
+    self.panoptic = PanopticMetric([dict(c, id=i) for i, c in enumerate(categories)])
+    self.instance = InstanceMetric(len(categories))
+
+  def add(self, logits, masks, gt_masks, gt_classes, image_id):
+    """One image: class logits [M, C+1], mask logits [M, H, W]; ground-truth masks [G, H, W]
+    bool and their classes [G]; image_id is its index in the dataset."""
+    gt_semantic = np.full(gt_masks.shape[1:], -1, np.int32)
+    gt_map = np.zeros(gt_masks.shape[1:], np.int32)
+    gt_segments = []
+    for k, (mask, label) in enumerate(zip(gt_masks, gt_classes)):
+      gt_semantic[mask] = label
+      gt_map[mask] = k + 1
+      gt_segments.append({'id': k + 1, 'category_id': int(label), 'iscrowd': 0})
+    if len(logits):
+      prediction = postprocess.semantic_inference(logits, masks).argmax(0)
+      pan_map, pan_segments = postprocess.panoptic_inference(
+          logits, masks, self.is_thing, self.object_mask_threshold, self.overlap_threshold)
+      inst_masks, inst_scores, inst_labels = postprocess.instance_inference(
+          logits, masks, self.topk, self.is_thing)
+    else:  # no proposals: nothing predicted
+      prediction = np.zeros(gt_semantic.shape, np.int32)
+      pan_map, pan_segments = np.zeros(gt_map.shape, np.int32), []
+      inst_masks, inst_scores, inst_labels = (np.zeros((0, *gt_map.shape), bool), np.zeros((0,)),
+                                              np.zeros((0,), np.int32))
+    self.semantic.update(prediction, gt_semantic)
+    self.panoptic.update(pan_map, pan_segments, gt_map, gt_segments, image_id=image_id)
+    thing = self.is_thing[gt_classes] if len(gt_classes) else np.zeros((0,), bool)
+    self.instance.update(inst_masks, inst_scores, inst_labels, gt_masks[thing], gt_classes[thing],
+                         image_id=image_id)
+
+  def merge(self, other: 'SegmentationMetrics'):
+    self.semantic.merge(other.semantic)
+    self.panoptic.merge(other.panoptic)
+    self.instance.merge(other.instance)
+
+  def compute(self):
+    """{images, semantic/..., panoptic/..., instance/...}."""
+    return {'images': self.panoptic.num_images,
+            **{f'semantic/{k}': v for k, v in self.semantic.compute().items()},
+            **{f'panoptic/{k}': v for k, v in self.panoptic.compute().items()},
+            **{f'instance/{k}': v for k, v in self.instance.compute().items()}}
+
+
+def evaluate_shard(predict, data_config, categories, options, limit, process_index, process_count):
+  """SegmentationMetrics of this process's images among the first `limit` of the dataset
+  (dataset order: process_index, process_index + process_count, ...).
+
+  predict(example) -> (class logits, mask logits) of one example of
+  `make_segmentation_iterator(data_config, train=False)`, cropped to its valid_hw.
+  """
+  metrics = SegmentationMetrics(categories, options)
+  batches = seg_data.make_segmentation_iterator(data_config, local_batch_size=1, train=False,
+                                                process_index=process_index,
+                                                process_count=process_count)
+  count = len(range(process_index, limit, process_count))
+  for batch in tqdm(itertools.islice(batches, count), total=count, desc='eval', unit='image',
+                    disable=process_index != 0, leave=False):
+    example = {k: v[0] for k, v in batch.items()}
+    logits, masks = predict(example)
+    h, w = example['valid_hw']
+    valid = example['target_valid']
+    metrics.add(logits, masks, example['target_masks'][valid][:, :h, :w],
+                example['target_classes'][valid], image_id=example['index'])
+  batches.close()
+  return metrics
+
+
+@register('segmentation', path='', max_images=0)
+def build_segmentation(config, settings, system, where):
+  """mIoU, PQ / SQ / RQ and mask AP of `system.segmenter` on a segmentation dataset
+  (data/segmentation.py): settings.path ('' = config.data's dataset), read as config.data says
+  (resolution, proposals), its first settings.max_images images (0 = all), post-processed with
+  config.inference as the system's own commands do."""
+  if system.segmenter is None:
+    raise UserError(f'{where}.type=segmentation needs a system that segments; '
+                    f'config.system={config.system!r} does not.')
+  if not isinstance(settings.max_images, int) or settings.max_images < 0:
+    raise UserError(f'{where}.max_images={settings.max_images!r} is not allowed: use 0 (all '
+                    'images) or a positive count.')
+  data = ml_collections.ConfigDict(dict(config.data))
+  if settings.path:
+    if not seg_data.is_segmentation_dir(os.path.abspath(os.path.expanduser(settings.path))):
+      raise UserError(f'{where}.path={settings.path!r} is not a segmentation dataset; build one '
+                      'with python data_prep/build_segmentation_dataset.py --format=... '
+                      '--src=DIR --split=val --out=DIR.')
+    data.update(name='segmentation', path=settings.path)
+  _, info = seg_data.make_segmentation_source(data)
+  limit = min(settings.max_images or info.num_examples, info.num_examples)
+
+  def evaluate(params, step):
+    del step  # inference is deterministic
+    predict = system.segmenter(process_local(params), info.class_names)
+    shard = evaluate_shard(predict, data, info.categories, config.inference, limit,
+                           jax.process_index(), jax.process_count())
+    return merge_over_processes(shard).compute()
+
+  return evaluate

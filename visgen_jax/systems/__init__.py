@@ -31,6 +31,12 @@ class System:
   # params and EMA). Fresh starts only, after init_from, on the host, on every process
   # (each must return the same values). Weights read from files go through init_from.
   load_pretrained: Optional[Callable[[Any], Any]] = None
+  # (params, class names) -> predict(example) -> (class logits [M, C+1], mask logits [M, h, w]):
+  # one example of the system's segmentation data (data/segmentation.py: image, proposals,
+  # proposal_valid, valid_hw) classified against the vocabulary (class C = no object), its valid
+  # proposals only, cropped to valid_hw. Used by the 'segmentation' evaluator (visgen_jax/eval);
+  # None if the system does not segment.
+  segmenter: Optional[Callable[[Any, Any], Callable[[dict], tuple]]] = None
 
 
 def get_system(config) -> System:

@@ -23,11 +23,11 @@ Commands (on the latest checkpoint):
       --config.image=PATH --config.proposals=PATH.npz
     → WORKDIR/segment/<image name>/: overlay.png, masks/<class>.png (semantic),
       panoptic.png + panoptic.json (COCO panoptic), written atomically.
-  --mode=eval [--config.eval.path=DATASET]  → mIoU, PQ/SQ/RQ, mask AP on a
-      converted dataset, WORKDIR/eval/step_N.json.
+
+Evaluation: `segmenter` feeds the 'segmentation' evaluator (visgen_jax/eval), configured in
+config.evals.seg: --mode=eval [--config.evals.seg.path=DATASET] → mIoU, PQ/SQ/RQ, mask AP.
 """
 
-import json
 import os
 import shutil
 import tempfile
@@ -36,15 +36,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
-from tqdm import tqdm
 
 from visgen_jax import image_io
 from visgen_jax.convert.clip import load_clip_checkpoint
 from visgen_jax.data import folder
 from visgen_jax.data import segmentation as seg_data
 from visgen_jax.errors import UserError
-from visgen_jax.eval import segmentation as seg_metrics
 from visgen_jax.models import clip as clip_lib
 from visgen_jax.models.maskclip import MaskCLIP
 from visgen_jax.segmentation import losses, postprocess
@@ -158,66 +155,33 @@ def make(config) -> System:
 
   predict_jit = jax.jit(predict)
 
-  def infer(params, example, text):
-    """One image's (class logits, mask logits) on its unpadded canvas."""
-    images = jnp.asarray(example['image'])[None]
-    proposals = jnp.asarray(example['proposals'])[None]
-    logits, masks = jax.device_get(predict_jit(params, images, proposals, text))
-    valid = np.asarray(example['proposal_valid'], bool)
-    h, w = example['valid_hw']
-    return logits[0][valid], masks[0][valid][:, :h, :w]
+  def segmenter(params, names):
+    text = jnp.asarray(class_embeddings(m, clip_model, clip_params, names))
+
+    def predict(example):
+      images = jnp.asarray(example['image'])[None]
+      proposals = jnp.asarray(example['proposals'])[None]
+      logits, masks = jax.device_get(predict_jit(params, images, proposals, text))
+      valid = np.asarray(example['proposal_valid'], bool)
+      h, w = example['valid_hw']
+      return logits[0][valid], masks[0][valid][:, :h, :w]
+
+    return predict
 
   def segment(params, key, workdir):
     del key  # inference is deterministic
     names, is_thing, image, proposals = segment_inputs(config)
     size = folder.parse_resolution(config.data.resolution, 'data.resolution')[0]
     example = seg_data.inference_example(image, proposals, size, config.data.max_proposals)
-    text = jnp.asarray(class_embeddings(m, clip_model, clip_params, names))
-    logits, masks = infer(params, example, text)
+    logits, masks = segmenter(params, names)(example)
     masks = _resize_logits(masks, (image.height, image.width))
     write_segmentation(workdir, config.image, np.asarray(image), names, is_thing, logits, masks,
                        config.inference)
 
-  def evaluate(params, key, workdir):
-    del key
-    eval_data = ml_collections.ConfigDict(dict(config.data))
-    if config.eval.path:
-      eval_data.update(name='segmentation', path=config.eval.path)
-    _, eval_info = seg_data.make_segmentation_source(eval_data)
-    names = eval_info.class_names
-    text = jnp.asarray(class_embeddings(m, clip_model, clip_params, names))
-    is_thing = np.array([bool(c['isthing']) for c in eval_info.categories])
-    semantic = seg_metrics.SemanticMetric(len(names), ignore_label=-1)
-    panoptic = seg_metrics.PanopticMetric([dict(c, id=i) for i, c in enumerate(eval_info.categories)])
-    instance = seg_metrics.InstanceMetric(len(names))
-    data = seg_data.make_segmentation_iterator(eval_data, local_batch_size=1, train=False)
-    limit = config.eval.max_images or eval_info.num_examples
-    count = 0
-    for batch in tqdm(data, total=limit, desc='eval', unit='image'):
-      example = {k: v[0] for k, v in batch.items()}
-      logits, masks = infer(params, example, text)
-      h, w = example['valid_hw']
-      gt_masks = example['target_masks'][example['target_valid']][:, :h, :w]
-      gt_classes = example['target_classes'][example['target_valid']]
-      accumulate(semantic, panoptic, instance, logits, masks, gt_masks, gt_classes, is_thing,
-                 config.inference)
-      count += 1
-      if count >= limit:
-        break
-    data.close()
-    results = {'images': count, **{f'semantic/{k}': v for k, v in semantic.compute().items()},
-               **{f'panoptic/{k}': v for k, v in panoptic.compute().items()},
-               **{f'instance/{k}': v for k, v in instance.compute().items()}}
-    out = os.path.join(workdir, 'eval')
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f'eval_{eval_info.name}_{eval_info.split}.json')
-    vlog.save_json(path, results)
-    print(json.dumps(results), flush=True)
-
   return System(init=init, loss_fn=loss_fn,
                 init_from=clip_weights if m.clip_checkpoint else (),
                 load_pretrained=None if m.clip_checkpoint else random_clip,
-                commands={'segment': segment, 'eval': evaluate})
+                commands={'segment': segment}, segmenter=segmenter)
 
 
 def segment_inputs(config):
@@ -244,35 +208,6 @@ def _resize_logits(masks, hw):
   if masks.shape[0] == 0:
     return np.zeros((0, *hw), np.float32)
   return np.asarray(jax.image.resize(jnp.asarray(masks), (masks.shape[0], *hw), 'linear'))
-
-
-def accumulate(semantic, panoptic, instance, logits, masks, gt_masks, gt_classes, is_thing, options):
-  """Adds one image's predictions and ground truth to the three metrics."""
-  gt_semantic = np.full(gt_masks.shape[1:], -1, np.int32)
-  gt_map = np.zeros(gt_masks.shape[1:], np.int32)
-  gt_segments = []
-  for k, (mask, label) in enumerate(zip(gt_masks, gt_classes)):
-    gt_semantic[mask] = label
-    gt_map[mask] = k + 1
-    gt_segments.append({'id': k + 1, 'category_id': int(label), 'iscrowd': 0})
-  if len(logits):
-    scores = postprocess.semantic_inference(logits, masks)
-    prediction = scores.argmax(0)
-  else:
-    prediction = np.zeros(gt_semantic.shape, np.int32)
-  semantic.update(prediction, gt_semantic)
-  pan_map, pan_segments = (postprocess.panoptic_inference(
-      logits, masks, is_thing, options.object_mask_threshold, options.overlap_threshold)
-      if len(logits) else (np.zeros(gt_map.shape, np.int32), []))
-  panoptic.update(pan_map, pan_segments, gt_map, gt_segments)
-  thing = np.asarray(is_thing)[gt_classes] if len(gt_classes) else np.zeros((0,), bool)
-  if len(logits):
-    inst_masks, inst_scores, inst_labels = postprocess.instance_inference(
-        logits, masks, options.topk, is_thing)
-  else:
-    inst_masks, inst_scores, inst_labels = (np.zeros((0, *gt_map.shape), bool), np.zeros((0,)),
-                                            np.zeros((0,), np.int32))
-  instance.update(inst_masks, inst_scores, inst_labels, gt_masks[thing], gt_classes[thing])
 
 
 def write_segmentation(workdir, image_path, image, names, is_thing, logits, masks, options):
@@ -355,7 +290,9 @@ def default_config(preset: str = 'ViT-L-14-336-quickgelu', resolution: int = 336
   c.classes = ''  # --mode=segment: the vocabulary, comma-separated
   c.image = ''
   c.proposals = ''
-  c.eval = ml_collections.ConfigDict(dict(path='', max_images=0))  # '' = data.path; 0 = all images
+  # --mode=eval (and every eval_every steps): mIoU, PQ, mask AP on `path` ('' = data.path), its
+  # first `max_images` images (0 = all).
+  c.evals.seg = ml_collections.ConfigDict(dict(type='segmentation', path='', max_images=0))
   return c
 
 

@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.ckpt_every = 1000
   c.sample_every = 1000  # 0 = never during training
+  c.eval_every = 0  # runs config.evals during training; 0 = never
   c.keep_checkpoints = 3
   c.compute_dtype = 'float32'  # or 'bfloat16': parameters stay float32 (master weights)
   # Weights a fresh run starts from (never applied on resume): workdirs, converted parameter
@@ -68,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # What --mode=sample draws (and the PNG grid written every sample_every steps).
   c.sample = ml_collections.ConfigDict(dict(num=8, use_ema=True))
+  # Evaluators (visgen_jax/eval), run every eval_every steps and by --mode=eval:
+  # instance name -> {type: registered evaluator type, ...its settings}.
+  c.evals = ml_collections.ConfigDict()
   return c
 
 
@@ -163,6 +167,8 @@ def validate(config):
   for key in ('log_every', 'ckpt_every'):
     need(config[key] > 0, key, 'use a positive step count')
   need(config.sample_every >= 0, 'sample_every', 'use 0 (never) or a positive step count')
+  need(config.eval_every >= 0, 'eval_every', 'use 0 (never) or a positive step count')
+  need(config.eval_every == 0 or config.evals, 'eval_every', 'config.evals is empty, so use 0')
   need(config.keep_checkpoints > 0, 'keep_checkpoints', 'keep at least 1')
   need(config.compute_dtype in DTYPES, 'compute_dtype', f'one of {", ".join(DTYPES)}')
   need(config.optimizer.name in ('adamw', 'adam', 'sgd'), 'optimizer.name', 'adamw, adam or sgd')

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from visgen_jax import image_io
 from visgen_jax.data import pipeline
 from visgen_jax.errors import TrainingDiverged, UserError
+from visgen_jax.eval import build_evaluators, registered_types
 from visgen_jax.systems import System, get_system
 from visgen_jax.train import checkpoint, sharding, weights
 from visgen_jax.train import logging as vlog
@@ -69,6 +70,7 @@ class Setup:
   abstract_state: dict
   state_shardings: dict
   root_key: object
+  evaluators: dict  # config.evals built: instance name -> evaluate(params, step)
 
 
 def setup(config) -> Setup:
@@ -86,7 +88,8 @@ def setup(config) -> Setup:
   trainable = weights.trainable_mask(params, config.frozen)
   abstract = jax.eval_shape(lambda k, b: _init_state(system, tx, trainable, k, b), root, example)
   shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
-  return Setup(config, system, mesh, tx, lr, trainable, abstract, shardings, root)
+  evaluators = build_evaluators(config, system)
+  return Setup(config, system, mesh, tx, lr, trainable, abstract, shardings, root, evaluators)
 
 
 def _init_state(system, tx, trainable, key, batch):
@@ -190,6 +193,9 @@ def _loop(s: Setup, state, start, data_iter, train_step, ckpt, writer, bar, work
     if s.system.sample and config.sample_every and (step % config.sample_every == 0 or step == config.total_steps):
       _check_finite(pending, saved_step)
       _save_samples(s, state, step, workdir, writer)
+    if config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
+      _check_finite(pending, saved_step)
+      writer.write(step, run_evaluators(s, state, step))
   return state
 
 
@@ -325,14 +331,19 @@ def restore_latest(s: Setup, workdir: str):
 
 
 def run_command(config, workdir: str, mode: str):
-  """--mode=sample or one of the system's commands, on the latest checkpoint."""
+  """--mode=sample, eval or one of the system's commands, on the latest checkpoint."""
+  if mode == 'eval' and not config.evals:
+    raise UserError('--mode=eval needs evaluators and config.evals is empty; add one to the config '
+                    f'as config.evals.NAME = {{type, ...}} with a type among: {", ".join(registered_types())}.')
   s = setup(config)
-  commands = {'sample': None, **s.system.commands}
+  commands = {'sample': None, 'eval': None, **s.system.commands}
   if mode not in commands:
     raise UserError(f'--mode={mode} is not one of: train, {", ".join(commands)}.')
   state, step = restore_latest(s, workdir)
   if mode == 'sample':
     _sample_to_pngs(s, state, workdir)
+  elif mode == 'eval':
+    _evaluate_to_json(s, state, step, workdir)
   else:
     commands[mode](*_params_and_key(s, state, step), workdir)
 
@@ -344,3 +355,20 @@ def _sample_to_pngs(s: Setup, state, workdir: str):
   out = os.path.join(workdir, 'samples', f'sample_step{step}')
   image_io.save_pngs(out, images)
   _say(f'Wrote {len(images)} samples to {out}')
+
+
+def run_evaluators(s: Setup, state, step: int) -> dict:
+  """Every evaluator of config.evals on the inference parameters (EMA or raw, as for samples)."""
+  params, _ = _params_and_key(s, state, step)
+  results = {}
+  for evaluate in s.evaluators.values():
+    results.update(evaluate(params, step))
+  return results
+
+
+def _evaluate_to_json(s: Setup, state, step: int, workdir: str):
+  """WORKDIR/eval/step_<N>.json and the same as one JSON line on stdout, from process 0."""
+  results = {'step': step, **run_evaluators(s, state, step)}
+  if jax.process_index() == 0:
+    vlog.save_json(os.path.join(workdir, 'eval', f'step_{step:07d}.json'), results)
+    print(json.dumps(results), flush=True)
