@@ -233,7 +233,7 @@ def segment_inputs(config):
     raise UserError(f'config.image={config.image!r} is not a readable image ({e}).') from None
   if not config.proposals:
     raise UserError('--mode=segment needs --config.proposals=PATH.npz (mask proposals for the image; '
-                    'format: visgen_jax/data/segmentation.py).')
+                    'format: visgen_jax/data/segmentation/records.py).')
   proposals = seg_data.load_proposals(config.proposals, (image.height, image.width))
   return names, np.array([n not in stuff for n in names]), image, proposals
 
