@@ -11,6 +11,8 @@ from visgen_jax.data import folder
 from visgen_jax.data import pipeline
 from visgen_jax.data import registry
 from visgen_jax.errors import UserError
+from visgen_jax.train import config as config_lib
+from visgen_jax.train import trainer
 
 NUM_EXAMPLES = 12
 
@@ -143,8 +145,6 @@ def test_validate_refuses_settings_the_source_does_not_read():
 
 
 def test_trains_through_the_trainer(tmp_path):
-  from visgen_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
-  from visgen_jax.train import trainer  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config(f'{ROOT}/configs/adm_ffhq256.py:tiny', [
       'data.name=test_normals', 'data.resolution=16', 'model.image_size=16',
       'model.channel_mult=1', 'batch_size=4', 'total_steps=2',

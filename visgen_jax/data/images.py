@@ -11,6 +11,7 @@ set is then built 1/8 larger); otherwise the stored size must equal
 data.resolution.
 """
 
+import abc
 import dataclasses
 
 import numpy as np
@@ -35,7 +36,7 @@ def _resolution(data_config) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class _Crop:
-  """Crops the image to (H, W), at random or at the centre; drops the file name."""
+  """Crops to (H, W), at random or at the centre; drops the file name."""
   hw: tuple[int, int]
   random: bool
 
@@ -63,8 +64,9 @@ class _Images(registry.Source):
   """An image dataset made by folder.py, at `dataset_dir(data_config)`."""
   keys = ('resolution', 'random_crop')
 
+  @abc.abstractmethod
   def dataset_dir(self, data_config) -> str:
-    raise NotImplementedError
+    """Where the dataset is (a built-in one is built on first use)."""
 
   def check(self, data_config):
     _resolution(data_config)

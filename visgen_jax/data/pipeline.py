@@ -39,23 +39,27 @@ def make_dataset_source(data_config):
   return registry.validate(data_config).open(data_config)
 
 
-def _mirror(array, axis: int, width: int, sign):
-  """`array` flipped along `axis` within its first `width` positions."""
+def _mirror(array, axis: int, width: int, sign) -> np.ndarray:
+  """`array` flipped along `axis` within its first `width` positions, whose
+  last axis is then multiplied by `sign` (None: unchanged)."""
+  content = [slice(None)] * array.ndim
+  content[axis] = slice(None, width)
+  content = tuple(content)
+  mirrored = np.flip(array[content], axis)
+  if sign is not None:
+    mirrored = mirrored * np.asarray(sign, array.dtype)
   if width == array.shape[axis]:
-    array = np.flip(array, axis)
-  else:
-    content = [slice(None)] * array.ndim
-    content[axis] = slice(None, width)
-    array = array.copy()
-    array[tuple(content)] = np.flip(array[tuple(content)], axis)
-  return array if sign is None else array * np.asarray(sign, array.dtype)
+    return mirrored
+  out = array.copy()
+  out[content] = mirrored
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
 class _Example:
-  """A source's transform, then a random flip of every spatial key."""
+  """A source's transform, then maybe a left-right flip of the spatial keys."""
   transform: Callable
-  # (key, width axis, flip sign) of the spatial features, if flips are on.
+  # (key, width axis, flip sign) of the keys to flip; () = no flips.
   flipped: tuple[tuple[str, int, tuple | None], ...]
 
   def __call__(self, record, rng=None):
@@ -63,6 +67,7 @@ class _Example:
     if self.flipped and rng.random() < 0.5:
       valid_hw = example.get('valid_hw')
       for key, axis, sign in self.flipped:
+        # Keys a source makes only in `finish` (from flipped ones) are absent.
         if key in example:
           array = example[key]
           width = array.shape[axis] if valid_hw is None else int(valid_hw[1])
@@ -70,9 +75,10 @@ class _Example:
     return example
 
 
-def _flipped_keys(spec, flip: bool):
+def _spatial(spec) -> tuple:
+  """(key, width axis, flip sign) of the spatial features of `spec`."""
   return tuple((key, f.width_axis, f.flip_sign) for key, f in spec.items()
-               if flip and f.width_axis is not None)
+               if f.width_axis is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +195,7 @@ def make_train_iterator(data_config, *, local_batch_size: int, seed: int,
   spec = source.spec(data_config)
   flip = bool(data_config.get('random_flip', False))
   example = _Example(source.transform(data_config, info, train=True),
-                     _flipped_keys(spec, flip))
+                     _spatial(spec) if flip else ())
   # One global stream of shuffled (per epoch), augmented examples; global batch k
   # is its elements [k*B, (k+1)*B) and process p reads only its p-th slice of b.
   # So batches, augmentations and the saved position are the same whether 1 or

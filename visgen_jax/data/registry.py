@@ -1,4 +1,4 @@
-"""Data sources by name: what `config.data.name` selects, and the check of config.data.
+"""Data sources by name (what `config.data.name` selects); checks config.data.
 
 A source is a `Source` subclass registered with `@register(name)` (one
 instance per name, which knows its name). It says
@@ -10,10 +10,11 @@ instance per name, which knows its name). It says
   spec(data_config)         {key: Feature}: one example of a batch; the
                             pipeline's `example_batch` is zeros of it and every
                             batch is checked against it
-  transform(data_config, info, train)   record -> example, in grain's threads
-                            or worker processes (so picklable); called with a
-                            numpy Generator in training, with None in eval
-  finish(data_config, info) batch -> batch in the main process
+  transform(data_config, info, train)   f(record, rng) -> example, run in
+                            grain's threads or worker processes (so it must
+                            pickle); rng is a numpy Generator in training,
+                            None in eval
+  finish(data_config, info) f(batch) -> batch, run in the main process
 
 `visgen_jax.data.pipeline` builds every iterator from these, and mirrors
 examples for data.random_flip itself (see Feature). Built-in sources:
@@ -27,8 +28,10 @@ of config.data that the selected source does not list in `keys` must be unset
 sources that read data.path.
 """
 
+import abc
 import dataclasses
 import os
+from collections.abc import Callable, Sequence
 
 from visgen_jax.errors import UserError
 
@@ -61,7 +64,7 @@ class SourceInfo:
   num_examples: int
 
 
-class Source:
+class Source(abc.ABC):
   """A kind of dataset; see the module docstring. Subclasses use `register`."""
   keys: tuple[str, ...] = ()
 
@@ -71,17 +74,21 @@ class Source:
   def check(self, data_config) -> None:
     """Raises UserError for a config.data this source cannot use."""
 
-  def open(self, data_config):
-    raise NotImplementedError
+  @abc.abstractmethod
+  def open(self, data_config) -> tuple[Sequence, SourceInfo]:
+    """(records, info); may build a built-in dataset on first use."""
 
+  @abc.abstractmethod
   def spec(self, data_config) -> dict[str, Feature]:
-    raise NotImplementedError
+    """One example of a batch, key by key."""
 
-  def transform(self, data_config, info, train: bool):
-    raise NotImplementedError
+  @abc.abstractmethod
+  def transform(self, data_config, info, train: bool) -> Callable:
+    """f(record, rng) -> example; rng is None in eval."""
 
-  def finish(self, data_config, info):
-    raise NotImplementedError
+  @abc.abstractmethod
+  def finish(self, data_config, info) -> Callable:
+    """f(batch) -> batch, in the main process."""
 
 
 _SOURCES: dict[str, Source] = {}

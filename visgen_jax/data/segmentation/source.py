@@ -46,6 +46,7 @@ shuffled order, each process reads its slice of every global batch, and the
 saved state resumes exactly.
 """
 
+import abc
 import dataclasses
 import io
 import json
@@ -278,8 +279,9 @@ class _Segmentation(registry.Source):
   keys = ('resolution', 'scale_range', 'max_segments', 'max_proposals',
           'proposals')
 
+  @abc.abstractmethod
   def dataset_dir(self, data_config) -> str:
-    raise NotImplementedError
+    """Where the dataset is (a built-in one is built on first use)."""
 
   def check(self, data_config):
     _options(data_config)
