@@ -111,11 +111,12 @@ class _Images(registry.Source):
 
 @registry.register('folder')
 class FolderImages(_Images):
+  """A dataset made by data_prep/build_image_dataset.py, at data.path."""
   keys = _Images.keys + ('path',)
 
   def check(self, data_config):
     super().check(data_config)
-    registry.dataset_path(data_config, BUILD_COMMAND.format(out='DIR'))
+    self.dataset_dir(data_config)
 
   def dataset_dir(self, data_config):
     return registry.dataset_path(data_config, BUILD_COMMAND.format(out='DIR'))

@@ -330,6 +330,7 @@ class _Segmentation(registry.Source):
 
 @registry.register('segmentation')
 class SegmentationDataset(_Segmentation):
+  """A dataset made by data_prep/build_segmentation_dataset.py, at data.path."""
   keys = _Segmentation.keys + ('path',)
 
   def check(self, data_config):
