@@ -10,7 +10,7 @@ AdamW 1e-4, weight decay 0.05, batch 8, 10k steps; only RMA trains.
   python -m visgen_jax.main --config=configs/maskclip_coco.py --workdir=DIR \\
       --config.data.path=/data/coco_pan_train --config.model.clip_checkpoint=/ckpt/ViT-L-14-336px.pt
   ... --mode=eval --config.evals.seg.path=/data/coco_pan_val
-  # Any vocabulary, one image and its proposals (.npz, see visgen_jax/data/segmentation.py):
+  # Any vocabulary, one image and its proposals (.npz, see visgen_jax/data/segmentation/records.py):
   ... --mode=segment --config.classes="toy rabbit,real rabbit,background" \\
       --config.image=photo.jpg --config.proposals=photo.npz
 """

@@ -11,9 +11,9 @@
       --src=datasets/VOCdevkit/VOC2010 --split=val --out=DIR
 
 The record format, the category table and the proposals format are described
-in `visgen_jax/data/segmentation.py`. `--src` may also be the folder that holds
-the dataset's top directory (coco/, ADEChallengeData2016/, ADE20K_2021_17_01/,
-VOCdevkit/VOC2010/). What is read, exactly:
+in `visgen_jax/data/segmentation/records.py`. `--src` may also be the folder
+that holds the dataset's top directory (coco/, ADEChallengeData2016/,
+ADE20K_2021_17_01/, VOCdevkit/VOC2010/). What is read, exactly:
 
 coco_panoptic (133 classes: 80 things, 53 stuff)
   annotations/panoptic_{split}2017.json (or panoptic_{split}2017.json at the

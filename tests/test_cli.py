@@ -16,6 +16,8 @@ CASES = {
     'group set as value': (['--config.optimizer=adam'], ['optimizer', 'group']),
     'missing dataset': (['--config.data.name=folder', '--config.data.path=/nonexistent/ffhq'],
                         ['data.path', '/nonexistent/ffhq']),
+    'data setting the source does not read': (['--config.data.path=/nonexistent/dataset'],
+                                              ['data.path', 'data.name=folder', 'sample_faces']),
     'impossible mesh': (['--config.mesh.data=3'], ['mesh', 'devices']),
     'bad dtype': (['--config.compute_dtype=float16'], ['compute_dtype', 'bfloat16']),
     'unknown sampler': (['--config.sampler.name=magic'], ['sampler', 'magic']),

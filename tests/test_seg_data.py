@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from visgen_jax.data import pipeline
 from visgen_jax.data import segmentation as seg
 from visgen_jax.errors import UserError
 
@@ -390,7 +391,7 @@ def test_eval_batches_resize_pad_and_match_the_records():
                                       train=False, process_index=1,
                                       process_count=2)
   batch = next(it)
-  expected = seg.example_segmentation_batch(config, 5)
+  expected = pipeline.example_batch(config, 5)
   assert set(batch) == set(expected)
   for key, value in expected.items():
     assert batch[key].shape == value.shape and batch[key].dtype == value.dtype

@@ -387,7 +387,7 @@ def evaluate_shard(predict, data_config, categories, options, limit, process_ind
 @register('segmentation', path='', max_images=0)
 def build_segmentation(config, settings, system, where):
   """mIoU, PQ / SQ / RQ and mask AP of `system.segmenter` on a segmentation dataset
-  (data/segmentation.py): settings.path ('' = config.data's dataset), read as config.data says
+  (data/segmentation/): settings.path ('' = config.data's dataset), read as config.data says
   (resolution, proposals), its first settings.max_images images (0 = all), post-processed with
   config.inference as the system's own commands do."""
   if system.segmenter is None:

@@ -198,7 +198,7 @@ def segment_inputs(config):
   image = Image.fromarray(image_io.read_rgb(config.image, 'config.image'))
   if not config.proposals:
     raise UserError('--mode=segment needs --config.proposals=PATH.npz (mask proposals for the image; '
-                    'format: visgen_jax/data/segmentation.py).')
+                    'format: visgen_jax/data/segmentation/records.py).')
   proposals = seg_data.load_proposals(config.proposals, (image.height, image.width))
   return names, np.array([n not in stuff for n in names]), image, proposals
 
