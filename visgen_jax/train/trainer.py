@@ -124,7 +124,7 @@ def make_train_step(s: Setup):
     updates, opt_state = tx.update(grads, state['opt_state'], train_params)
     train_params = optax.apply_updates(train_params, updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state['ema_params'], train_params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     metrics = {'loss': value, 'grad_norm': grad_norm, 'learning_rate': s.lr(state['step']), **aux}
     new_state = {'step': state['step'] + 1, 'params': weights.merge(train_params, state['params']),
                  'opt_state': opt_state, 'ema_params': ema}

@@ -80,7 +80,7 @@ def sources(init_from) -> list[dict]:
     unknown = sorted(set(entry) - set(SOURCE_KEYS))
     if unknown:
       raise UserError(f'{where} has keys {", ".join(unknown)}; allowed: {", ".join(SOURCE_KEYS)}.')
-    source = dict(select='', rename=(), use_ema=True, **entry)
+    source = {'select': '', 'rename': (), 'use_ema': True, **entry}
     path = os.path.abspath(os.path.expanduser(str(source.get('path', ''))))
     if not source.get('path') or not os.path.exists(path):
       raise UserError(f'{where}.path={source.get("path", "")!r}: no such workdir, parameter directory or '
