@@ -9,6 +9,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from visgen_jax.train import sharding
 
@@ -47,46 +48,43 @@ def abstract_like(tree, shardings):
 
 
 
-def _latest_state(directory: str):
-  """(path of the latest finished checkpoint's state, its step), or None."""
-  if not os.path.isdir(directory):
-    return None
-  manager = ocp.CheckpointManager(directory, item_names=('state', 'data'))
-  step = manager.latest_step()
-  manager.close()
-  return None if step is None else (os.path.join(directory, str(step), 'state'), step)
-
-
 def latest_step(directory: str):
-  """The latest finished checkpoint's step under `directory`, None when there is none; creates nothing."""
-  latest = _latest_state(directory)
-  return None if latest is None else latest[1]
+  """The latest finished checkpoint's step under `directory`, None when there is none.
+
+  From the directory listing alone (Orbax renames a step's directory to its number
+  when the step is complete): no CheckpointManager, whose construction is a barrier
+  across processes, and nothing created.
+  """
+  steps = [int(name) for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
+  return max(steps, default=None)
 
 
 def _restore_on_first_device(path: str):
-  """The tree saved at `path` (a StandardCheckpointer directory), as saved, on this process's first device."""
-  checkpointer = ocp.StandardCheckpointer()
+  """The tree saved at `path` (a StandardCheckpointHandler directory), as saved, on this process's first device."""
+  handler = ocp.StandardCheckpointHandler()
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          checkpointer.metadata(path).item_metadata)
-  tree = checkpointer.restore(path, abstract)
-  checkpointer.close()
-  return tree
+                          handler.metadata(epath.Path(path)).tree)
+  return handler.restore(epath.Path(path), args=ocp.args.StandardRestore(abstract))
+
+
+def _latest_state_path(directory: str):
+  step = latest_step(directory)
+  return None if step is None else os.path.join(directory, str(step), 'state')
 
 
 def saved_state_shapes(directory: str):
   """{'/'-joined path: shape} of the latest finished checkpoint's state under
   `directory`, from its metadata alone."""
-  path, _ = _latest_state(directory)
-  metadata = ocp.StandardCheckpointer().metadata(path).item_metadata
+  metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(_latest_state_path(directory))).tree
   return {sharding.path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(metadata)[0]}
 
 
 def restore_latest_state(directory: str):
   """The state of the latest finished checkpoint under `directory`, restored as
   saved onto this process's first device; None when there is none."""
-  latest = _latest_state(directory)
-  return None if latest is None else _restore_on_first_device(latest[0])
+  path = _latest_state_path(directory)
+  return None if path is None else _restore_on_first_device(path)
 
 
 def restore_params_dir(path: str):

@@ -226,6 +226,10 @@ def _computed_start(s: Setup, params) -> dict:
 
 
 CONFIG_FILE = 'config.json'
+# Top-level config keys that never change the shapes in a checkpoint.
+RUN_SETTINGS = ('seed', 'total_steps', 'batch_size', 'log_every', 'ckpt_every', 'sample_every', 'eval_every',
+                'keep_checkpoints', 'compute_dtype', 'mesh', 'sharding_rules', 'optimizer', 'sample',
+                'sampler', 'evals', 'init_from', 'edit')
 
 
 def _flat_config(config_dict, prefix=''):
@@ -260,8 +264,8 @@ def check_same_model(s: Setup, workdir: str):
       before = _flat_config(json.load(f))
     now = _flat_config(s.config.to_dict())
     differing = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-    # The model's own keys first: they are what usually changes the parameters' shapes.
-    differing.sort(key=lambda k: not k.startswith(('model.', 'system')))
+    # Settings of the run (not of the model) last: they do not change the parameters' shapes.
+    differing.sort(key=lambda k: k.split('.')[0] in RUN_SETTINGS)
   if differing:
     shown = '; '.join(f'config.{k}={now.get(k)!r} (the run has {before.get(k)!r})' for k in differing[:3])
     raise UserError(f'--workdir={workdir} holds a model of another shape than this config builds: {shown}; '
