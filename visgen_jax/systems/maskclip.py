@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from visgen_jax import image_io
 from visgen_jax.convert.clip import load_clip_checkpoint
@@ -47,7 +48,6 @@ from visgen_jax.models.maskclip import MaskCLIP
 from visgen_jax.segmentation import losses, postprocess
 from visgen_jax.systems import System
 from visgen_jax.text import tokenizer as tokenizer_lib
-from visgen_jax.train import logging as vlog
 from visgen_jax.train.config import base_config
 
 # The random CLIP used without a checkpoint is drawn from this key, so every
