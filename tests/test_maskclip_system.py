@@ -81,7 +81,7 @@ def metrics_fed_directly(workdir):
   fed to the metric classes here, not by the evaluator."""
   config = config_lib.load_config(TINY)
   _, info = seg_data.make_segmentation_source(config.data)
-  params = checkpoint.restore_latest_params(os.path.join(workdir, 'checkpoints'), ema=False)
+  params = checkpoint.restore_latest_state(os.path.join(workdir, 'checkpoints'))['params']
   predict = get_system(config).segmenter(params, info.class_names)
   is_thing = np.array([bool(c['isthing']) for c in info.categories])
   options = config.inference
