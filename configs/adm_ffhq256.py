@@ -14,12 +14,11 @@
 import ml_collections
 
 from visgen_jax.diffusion import editing
-from visgen_jax.errors import UserError
-from visgen_jax.train.config import base_config
+from visgen_jax.train import config as config_lib
 
 
 def get_config(arg=None):
-  c = base_config()
+  c = config_lib.base_config()
   c.system = 'adm'
   # DiffusionRig stage 1: Adam 1e-4, batch 256, 50k steps, EMA 0.9999.
   c.total_steps = 50_000
@@ -44,19 +43,19 @@ def get_config(arg=None):
   c.sampler = ml_collections.ConfigDict(dict(name='ddim', steps=50, eta=0.0, guidance_scale=0.0))
   c.sample.num = 16
   c.edit = editing.edit_config()  # --mode=inpaint|outpaint|sdedit
+  return config_lib.variant(c, arg, __file__, tiny=tiny)
 
-  if arg == 'tiny':
-    c.total_steps = 20
-    c.batch_size = 8
-    c.log_every = 5
-    c.ckpt_every = 10
-    c.sample_every = 20
-    c.optimizer.ema_decay = 0.99
-    c.data.name = 'sample_faces'
-    c.data.resolution = 32
-    c.model.update(image_size=32, model_channels=32, channel_mult=(1, 2), num_res_blocks=1)
-    c.sampler.steps = 10
-    c.sample.num = 4
-  elif arg:
-    raise UserError(f'--config=configs/adm_ffhq256.py:{arg}: unknown variant; allowed: tiny, or none for paper scale.')
-  return c
+
+def tiny(c):
+  """CPU-sized, on the built-in sample faces at 32²."""
+  c.total_steps = 20
+  c.batch_size = 8
+  c.log_every = 5
+  c.ckpt_every = 10
+  c.sample_every = 20
+  c.optimizer.ema_decay = 0.99
+  c.data.name = 'sample_faces'
+  c.data.resolution = 32
+  c.model.update(image_size=32, model_channels=32, channel_mult=(1, 2), num_res_blocks=1)
+  c.sampler.steps = 10
+  c.sample.num = 4

@@ -9,9 +9,9 @@
       [--config.data.name=folder --config.data.path=/data/nature1024]
   # The code table started from CLIP ViT-B/16 image embeddings (OpenAI's weights), as the paper:
   python -m visgen_jax.main --config=configs/patchdm_1k.py --workdir=DIR \\
-      --config.model.code_init=clip --config.model.clip_checkpoint=/weights/ViT-B-16.pt
+      --config.codes.init=clip --config.codes.clip_checkpoint=/weights/ViT-B-16.pt
   # Or a semantic encoder trained jointly instead of the table:
-  ... --config.model.code_source=encoder --config.latent.znormalize=false
+  ... --config.codes.source=encoder
   # Any size from the same model (interpolated positions), beyond the trained grid, editing:
   ... --mode=sample --config.sample.size=1024,2048
   ... --mode=sample --config.sample.size=768,1280 --config.sample.positions=extend
@@ -22,14 +22,11 @@
   ... --mode=sdedit --config.edit.input=photo.png --config.edit.strength=0.6  (resized to sample.size)
 """
 
-from visgen_jax.errors import UserError
-from visgen_jax.systems import patchdm
+import patchdm_base
+
+from visgen_jax.train import config as config_lib
 
 
 def get_config(arg=None):
-  c = patchdm.default_config((512, 1024))
-  if arg == 'tiny':
-    patchdm.tiny(c, (32, 64))
-  elif arg:
-    raise UserError(f'--config=configs/patchdm_1k.py:{arg}: unknown variant; allowed: tiny, or none for paper scale.')
-  return c
+  return config_lib.variant(patchdm_base.config((512, 1024)), arg, __file__,
+                            tiny=lambda c: patchdm_base.tiny(c, (32, 64)))

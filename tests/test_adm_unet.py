@@ -189,13 +189,13 @@ def test_attention_mask_and_unknown_impl():
     dot_product_attention(q, k, v, impl='pallas')
 
 
-def test_user_errors():
+def test_bad_input_is_a_value_error():
   x, t, _ = _inputs(BASE)
-  with pytest.raises(UserError, match='num_classes'):
+  with pytest.raises(ValueError, match='num_classes'):
     ADMUNet(**BASE, num_classes=10).init(jax.random.key(0), x, t)
-  with pytest.raises(UserError, match='attention_resolutions contains 8'):
+  with pytest.raises(ValueError, match='attention_resolutions contains 8'):
     ADMUNet(**{**BASE, 'attention_resolutions': (8,)}).init(jax.random.key(0), x, t)
-  with pytest.raises(UserError, match='not divisible'):
+  with pytest.raises(ValueError, match='not divisible'):
     ADMUNet(**BASE).init(jax.random.key(0), x[:, :31, :31], t)
 
 

@@ -24,11 +24,37 @@ CASES = {
 }
 
 
+# Each system's validate(config) runs before anything is built or written; a model's own
+# ValueError comes back naming the config key.
+SYSTEM_CASES = {
+    'patchdm setting': ('configs/patchdm_1k.py:tiny', ['--config.codes.source=vae'],
+                        ['config.codes.source', 'vae', 'table, encoder']),
+    'patchdm model': ('configs/patchdm_1k.py:tiny', ['--config.model.patch_size=10'],
+                      ['config.model: patch_size=10', 'half a patch']),
+    'adm model': (TINY, ['--config.model.attention_resolutions=7'],
+                  ['config.model: attention_resolutions contains 7']),
+    'maskclip model': ('configs/maskclip_coco.py:tiny', ['--config.model.rma_layers=2,9'],
+                       ['config.model: rma_layers=(2, 9)', '1..4']),
+}
+
+
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_user_mistake_exits_2_with_one_sentence_and_writes_nothing(tmp_path, name):
   overrides, must_mention = CASES[name]
   workdir = tmp_path / 'run'
   result = run_main(f'--config={TINY}', f'--workdir={workdir}', *overrides, devices=2)
+  _check_one_sentence_and_nothing_written(result, must_mention, workdir)
+
+
+@pytest.mark.parametrize('name', sorted(SYSTEM_CASES))
+def test_system_settings_are_checked_before_anything_is_written(tmp_path, name):
+  config, overrides, must_mention = SYSTEM_CASES[name]
+  workdir = tmp_path / 'run'
+  result = run_main(f'--config={config}', f'--workdir={workdir}', *overrides)
+  _check_one_sentence_and_nothing_written(result, must_mention, workdir)
+
+
+def _check_one_sentence_and_nothing_written(result, must_mention, workdir):
   assert result.returncode == 2, result.stderr[-3000:]
   lines = [l for l in result.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-3000:]

@@ -149,11 +149,11 @@ def test_converter_errors():
     clip_convert.convert_clip_state_dict({**state_dict, 'visual.extra': np.zeros(2)}, model)
   with pytest.raises(UserError, match='of shape .*preset does not match'):
     clip_convert.convert_clip_state_dict(state_dict, clip_lib.clip_model('tiny'))
-  with pytest.raises(UserError, match='CLIP preset .*unknown'):
+  with pytest.raises(ValueError, match='CLIP preset .*unknown'):
     clip_lib.clip_model('ViT-B-17')
-  with pytest.raises(UserError, match='act=.*unknown'):
+  with pytest.raises(ValueError, match='act=.*unknown'):
     clip_convert.abstract_params(clip_lib.vision_tower(SMALL, act='relu'))
-  with pytest.raises(UserError, match='multiple of the patch size'):
+  with pytest.raises(ValueError, match='multiple of the patch size'):
     clip_lib.vision_tower(SMALL).apply({'params': vision}, jnp.zeros((1, 30, 32, 3)))
 
 

@@ -15,7 +15,6 @@ import optax
 import pytest
 
 from visgen_jax.convert.clip import abstract_params
-from visgen_jax.errors import UserError
 from visgen_jax.models import clip as clip_lib
 from visgen_jax.models.maskclip import MaskCLIP, clip_crop_features
 
@@ -289,13 +288,13 @@ def test_clip_crop_features():
 def test_bad_input():
   model, params, forward = _setup()
   images, masks = _inputs()
-  with pytest.raises(UserError, match='mask logits must be'):
+  with pytest.raises(ValueError, match='mask logits must be'):
     model.apply({'params': params}, images, masks[:, :, :16])
-  with pytest.raises(UserError, match='multiple of the patch size'):
+  with pytest.raises(ValueError, match='multiple of the patch size'):
     model.apply({'params': params}, images[:, :30], masks[:, :, :30])
   for layers in ((0, 2), (2, 5), (4, 2)):
     bad = MaskCLIP(model.clip, rma_layers=layers)
-    with pytest.raises(UserError, match='rma_layers'):
+    with pytest.raises(ValueError, match='rma_layers'):
       bad.apply({'params': params}, images, masks)
-  with pytest.raises(UserError, match='fill='):
+  with pytest.raises(ValueError, match='fill='):
     clip_crop_features(model.clip, params['clip'], images, masks, fill='grey')

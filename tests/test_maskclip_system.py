@@ -15,7 +15,7 @@ from tests.helpers import run_distributed, run_main
 from visgen_jax.data import segmentation as seg_data
 from visgen_jax.errors import UserError
 from visgen_jax.eval import segmentation as seg_metrics
-from visgen_jax.segmentation import postprocess
+from visgen_jax.segmentation import postprocess, results
 from visgen_jax.systems import get_system, maskclip
 from visgen_jax.train import checkpoint
 from visgen_jax.train import config as config_lib
@@ -204,6 +204,6 @@ def test_vocabulary_parsing():
 
 def test_segment_results_are_written_by_process_zero_only(tmp_path, monkeypatch):
   monkeypatch.setattr(jax, 'process_index', lambda: 1)
-  maskclip.write_segmentation(str(tmp_path), 'shapes.png', np.zeros((4, 4, 3), np.uint8), ['sky'], np.array([False]),
-                              np.zeros((0, 2)), np.zeros((0, 4, 4)), None)
+  results.write_segmentation(str(tmp_path), 'shapes.png', np.zeros((4, 4, 3), np.uint8), ['sky'], np.array([False]),
+                             np.zeros((0, 2)), np.zeros((0, 4, 4)), None)
   assert not os.listdir(tmp_path)

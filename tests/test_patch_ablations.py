@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from tests.helpers import random_params
-from visgen_jax.errors import UserError
 from visgen_jax.models import patch_ablations
 from visgen_jax.models.patch_unet import PatchUNet, grid_positions, midpoints, to_patches
 
@@ -37,7 +36,7 @@ def test_patch_borders_per_mode():
   np.testing.assert_array_equal(patch_ablations.patch_borders('independent', 16, 4), [2, 6, 10, 14])
   np.testing.assert_array_equal(patch_ablations.patch_borders('pixel_shift', 16, 4),
                                 [2, 4, 6, 8, 10, 12, 14])
-  with pytest.raises(UserError, match='patch_mode'):
+  with pytest.raises(ValueError, match="patch mode 'feature' is unknown"):
     patch_ablations.patch_borders('feature', 16, 4)
 
 

@@ -20,7 +20,7 @@ from tests.helpers import ROOT, random_params
 from visgen_jax.errors import UserError
 from visgen_jax.models.patch_sharding import halo_bytes, rows_per_device, sharded_denoiser
 from visgen_jax.models.patch_unet import PatchUNet, collage_denoiser, grid_positions
-from visgen_jax.systems import patchdm
+from visgen_jax.systems import get_system, patchdm
 from visgen_jax.train import config as config_lib
 
 TINY = 'configs/patchdm_1k.py:tiny'
@@ -68,16 +68,16 @@ def check_on_devices() -> dict:
   # and the images over data × fsdp; it samples what one device samples.
   overrides = ['sample.size=64,64', 'sampler.steps=2', 'sample.num=4', 'latent.enabled=false']
   on_mesh = ['sample.shard_rows=True', 'mesh.data=2', 'mesh.fsdp=2', 'mesh.model=2']
-  system = patchdm.make(config_lib.load_config(TINY, overrides + on_mesh))
+  system = get_system(config_lib.load_config(TINY, overrides + on_mesh))
   batch = {'image': jnp.zeros((4, 32, 64, 3)), 'index': jnp.zeros((4,), jnp.int32)}
   params = random_params(jax.eval_shape(system.init, jax.random.key(0), batch))
   lowered = system.sample.lower(params, jax.random.key(1))
   result['recipe_permuted'] = permuted_bytes(lowered.as_text())
-  one_device = patchdm.make(config_lib.load_config(TINY, overrides)).sample(params, jax.random.key(1))
+  one_device = get_system(config_lib.load_config(TINY, overrides)).sample(params, jax.random.key(1))
   result['recipe_max_diff'] = float(jnp.abs(lowered.compile()(params, jax.random.key(1)) - one_device).max())
   result['recipe_mean_abs'] = float(jnp.abs(one_device).mean())
   try:
-    patchdm.make(config_lib.load_config(TINY, on_mesh + ['sample.num=6']))
+    get_system(config_lib.load_config(TINY, on_mesh + ['sample.num=6']))
   except UserError as e:
     result['recipe_odd_batch_error'] = str(e)
   return result
@@ -124,22 +124,22 @@ def test_rows_per_device_pads_to_whole_bands():
   assert rows_per_device(29, 8, 2) == 4
   assert rows_per_device(30, 4, 3) == 9
   for band in (-1, 3):
-    with pytest.raises(UserError, match=f'stream_rows={band} with sample.shard_rows'):
+    with pytest.raises(ValueError, match=f'band_rows={band}: each of the 8 devices'):
       rows_per_device(13, 8, band)
 
 
 def test_bad_sharding_is_a_user_error():
   pos, mask = grid_positions((4, 2), (4, 2))
   mesh = Mesh(np.asarray(jax.devices()), ('data',))
-  with pytest.raises(UserError, match="axes.*'rows'.*not in the mesh"):
+  with pytest.raises(ValueError, match="axes.*'rows'.*not in the mesh"):
     sharded_denoiser(None, None, pos, mask, mesh, axes='rows')
-  with pytest.raises(UserError, match='stream_rows=3 with sample.shard_rows'):
-    patchdm.make(config_lib.load_config(TINY, ['sample.shard_rows=True', 'sample.stream_rows=3']))
-  with pytest.raises(UserError, match="shard_rows.*patch_mode='independent'"):
-    patchdm.make(config_lib.load_config(TINY, ['sample.shard_rows=True', 'sample.patch_mode=independent']))
+  with pytest.raises(UserError, match='config.sample.stream_rows: band_rows=3: each of the 1 devices'):
+    get_system(config_lib.load_config(TINY, ['sample.shard_rows=True', 'sample.stream_rows=3']))
+  with pytest.raises(UserError, match="config.sample: shard_rows.*patch_mode='independent'"):
+    patchdm.validate(config_lib.load_config(TINY, ['sample.shard_rows=True', 'sample.patch_mode=independent']))
   with pytest.raises(UserError, match='model axis.*1 device'):
-    patchdm.make(config_lib.load_config(TINY, ['sample.shard_rows=True']))
-  with pytest.raises(UserError, match=r"axes \['data'\] split both"):
+    get_system(config_lib.load_config(TINY, ['sample.shard_rows=True']))
+  with pytest.raises(ValueError, match=r"axes \['data'\] split both"):
     sharded_denoiser(None, None, pos, mask, mesh, axes='data', batch_axes='data')
 
 

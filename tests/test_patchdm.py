@@ -15,10 +15,10 @@ from tests.helpers import random_params, run_main
 from visgen_jax.errors import UserError
 from visgen_jax.kernels.collage import collage, collage_band
 from visgen_jax.diffusion import schedules
-from visgen_jax.models.latent_mlp import LatentMLP
+from visgen_jax.models.latent_mlp import LatentMLP, latent_loss, sample_codes
 from visgen_jax.models.patch_unet import (
-    PatchUNet, collage_denoiser, from_patches, grid_positions, streaming_denoiser, to_patches)
-from visgen_jax.systems import patchdm
+    PatchUNet, collage_denoiser, from_patches, grid_positions, streaming_denoiser, to_patches, window_losses)
+from visgen_jax.systems import get_system, patchdm
 from visgen_jax.train import checkpoint, sharding, trainer, weights
 from visgen_jax.train import config as config_lib
 
@@ -110,7 +110,7 @@ def test_streaming_step_equals_the_all_at_once_step(unet_and_params):
   assert float(jnp.abs(whole).mean()) > 0.1
   # Bands of one patch row: four bands, each carrying the previous band's last encoded row.
   np.testing.assert_array_equal(jax.jit(streaming_denoiser(unet, params, pos, mask, 1))(*args), whole)
-  with pytest.raises(UserError, match='stream_rows=3 must divide the 4'):
+  with pytest.raises(ValueError, match='band_rows=3 must divide the 4'):
     streaming_denoiser(unet, params, pos, mask, 3)
 
 
@@ -132,14 +132,14 @@ def test_latent_dpm_learns_a_code_table_and_samples_codes_like_it():
   base = schedules.make_schedule('const0.008', 1000)
   params = jax.jit(mlp.init)(jax.random.key(0), jnp.zeros((1, 3)), jnp.zeros((1,), jnp.int32))['params']
   opt = optax.adam(2e-3)
-  draw = jax.jit(lambda p: patchdm.sample_codes(mlp, schedules.respace(base, 'ddim50'), p, table,
+  draw = jax.jit(lambda p: sample_codes(mlp, schedules.respace(base, 'ddim50'), p, table,
                                                 jax.random.key(2), 256))
 
   @jax.jit
   def train(params, key):
     def step(carry, key):
       params, state = carry
-      loss, grads = jax.value_and_grad(lambda p: patchdm.latent_loss(mlp, base, p, table, key, batch_size=64)
+      loss, grads = jax.value_and_grad(lambda p: latent_loss(mlp, base, p, table, key, batch_size=64)
                                        .mean())(params)
       updates, state = opt.update(grads, state)
       return (optax.apply_updates(params, updates), state), loss
@@ -163,11 +163,11 @@ def test_window_loss_ignores_the_padding_but_not_the_image():
   inside = jnp.zeros((1, 8, 8, 1)).at[:, 2:, 2:].set(1.0)  # window at the top-left corner
   plain = to_patches(noise, 4)
   shifted = noise[:, 2:6, 2:6][:, None, None]
-  assert [float(v[0]) for v in patchdm.window_losses(shifted, plain, noise, inside)] == [0.0, 0.0]
+  assert [float(v[0]) for v in window_losses(shifted, plain, noise, inside)] == [0.0, 0.0]
   wrong_pad = plain.at[:, 0, 0, 0, 0].add(100.0)  # padding pixel (0, 0)
-  assert float(patchdm.window_losses(shifted, wrong_pad, noise, inside)[1][0]) == 0.0
+  assert float(window_losses(shifted, wrong_pad, noise, inside)[1][0]) == 0.0
   wrong_img = plain.at[:, 1, 1, 0, 0, 0].add(8.0)  # image pixel (4, 4)
-  assert float(patchdm.window_losses(shifted, wrong_img, noise, inside)[1][0]) == pytest.approx(64 / 192)
+  assert float(window_losses(shifted, wrong_img, noise, inside)[1][0]) == pytest.approx(64 / 192)
 
 
 def test_grid_positions_interpolate_inside_and_extend_without_positions_outside():
@@ -177,9 +177,9 @@ def test_grid_positions_interpolate_inside_and_extend_without_positions_outside(
   pos, mask = grid_positions((4, 6), (2, 4), 'extend')
   np.testing.assert_array_equal(pos[:, 0, 0], [-1, 0, 1, 2, 3])
   np.testing.assert_array_equal(mask[:, 3], [0, 1, 1, 1, 0])
-  with pytest.raises(UserError, match='smaller than the trained'):
+  with pytest.raises(ValueError, match='smaller than the trained'):
     grid_positions((1, 4), (2, 4), 'extend')
-  with pytest.raises(UserError, match='position dropout'):
+  with pytest.raises(ValueError, match='position dropout'):
     grid_positions((4, 6), (2, 4), 'extend', unconditional_positions=False)
 
 
@@ -189,7 +189,7 @@ def tiny_config(*overrides):
 
 def test_sampling_at_a_size_never_trained_has_that_shape():
   config = tiny_config('sample.size=48,80', 'sampler.steps=2', 'sampler.guidance_scale=0.5')
-  system = patchdm.make(config)
+  system = get_system(config)
   batch = {'image': jnp.zeros((4, 32, 64, 3)), 'index': jnp.zeros((4,), jnp.int32)}
   params = random_params(jax.eval_shape(system.init, jax.random.key(0), batch))
   images = system.sample(params, jax.random.key(1))
@@ -198,13 +198,19 @@ def test_sampling_at_a_size_never_trained_has_that_shape():
 
 
 @pytest.mark.parametrize('overrides, words', [
-    (['data.resolution=40,64'], ['data.resolution', 'divisible', '16']),
-    (['sample.size=48,70'], ['sample.size', 'divisible']),
-    (['sample.size=16,32', 'sample.positions=extend'], ['smaller than the trained']),
-    (['sample.size=64,96', 'sample.positions=extend', 'diffusion.pos_drop=0'], ['position dropout']),
+    (['data.resolution=40,64'], ['config.data.resolution', '40x64', 'divisible', '16']),
+    (['sample.size=48,70'], ['config.sample.size', '48x70', 'divisible']),
+    (['sample.size=16,32', 'sample.positions=extend'], ['config.sample.positions', 'smaller than the trained']),
+    (['sample.size=64,96', 'sample.positions=extend', 'diffusion.pos_drop=0'],
+     ['config.sample.positions', 'position dropout']),
+    (['sample.positions=spread'], ['config.sample.positions', "'spread' is unknown"]),
     (['sample.code_index=0,99999'], ['code_index', '99999', 'out of range']),
-    (['model.num_codes=1'], ['num_codes']),
-    (['sample.stream_rows=3'], ['stream_rows=3', 'divide']),
+    (['codes.num=1'], ['config.codes.num=1']),
+    (['sample.stream_rows=3'], ['config.sample.stream_rows', 'band_rows=3', 'divide']),
+    (['sample.stream_rows=1', 'sample.patch_mode=pixel_shift'], ['config.sample', "patch_mode='pixel_shift'"]),
+    (['sample.patch_mode=feature'], ['config.sample', "'feature' is unknown"]),
+    (['model.patch_size=10'], ['config.model', 'patch_size=10', 'half a patch']),
+    (['model.attention_resolutions=5'], ['config.model', 'attention_resolutions contains 5']),
     (['latent.loss_type=huber'], ['latent.loss_type', 'huber']),
     (['latent.sample_steps=0'], ['latent.sample_steps']),
     (['latent.stage=third'], ['latent.stage', 'third']),
@@ -212,16 +218,24 @@ def test_sampling_at_a_size_never_trained_has_that_shape():
 ])
 def test_bad_input_is_a_user_error(overrides, words):
   with pytest.raises(UserError) as e:
-    patchdm.make(tiny_config(*overrides))
+    patchdm.validate(tiny_config(*overrides))
   for word in words:
     assert word in str(e.value)
+
+
+def test_a_models_value_error_reaches_the_user_as_a_sentence_naming_the_key():
+  # LatentMLP checks its depth when it is built (init, traced before anything is written).
+  system = get_system(tiny_config('latent.num_layers=1'))
+  batch = {'image': jnp.zeros((1, 32, 64, 3)), 'index': jnp.zeros((1,), jnp.int32)}
+  with pytest.raises(UserError, match=r'^config\.latent: LatentMLP num_layers=1; it needs at least 2'):
+    jax.eval_shape(system.init, jax.random.key(0), batch)
 
 
 @pytest.mark.parametrize('size, what', [('32,32', 'covers everything'), ('16,64', 'larger than the canvas')])
 def test_outpainting_an_input_that_fills_the_canvas_is_refused_before_writing(tmp_path, size, what):
   centre = tmp_path / 'centre.png'
   Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(centre)
-  system = patchdm.make(tiny_config(f'sample.size={size}', f'edit.input={centre}'))
+  system = get_system(tiny_config(f'sample.size={size}', f'edit.input={centre}'))
   with pytest.raises(UserError, match=what):
     system.commands['outpaint'](None, jax.random.key(0), str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
@@ -249,7 +263,7 @@ def test_second_stage_trains_only_the_latent_dpm_on_the_first_runs_ema_weights(t
   # A first run's checkpoint without training it: random weights, EMA different from raw.
   first_config = tiny_config('latent.enabled=false')
   batch = {'image': jnp.zeros((1, 32, 64, 3)), 'index': jnp.zeros((1,), jnp.int32)}
-  shapes = jax.eval_shape(patchdm.make(first_config).init, jax.random.key(0), batch)
+  shapes = jax.eval_shape(get_system(first_config).init, jax.random.key(0), batch)
   first = {'params': random_params(shapes, seed=1), 'ema_params': random_params(shapes, seed=2)}
   saver = checkpoint.Checkpointer(str(tmp_path / 'first' / 'checkpoints'), 1)
   saver.save(5, first, {})
@@ -270,9 +284,9 @@ def test_second_stage_trains_only_the_latent_dpm_on_the_first_runs_ema_weights(t
 
 
 def test_second_stage_with_an_encoder_trains_the_latent_dpm_on_the_frozen_encoders_codes(tmp_path):
-  encoder = 'model.code_source=encoder'
+  encoder = 'codes.source=encoder'
   batch = {'image': jnp.zeros((2, 32, 64, 3)), 'index': jnp.zeros((2,), jnp.int32)}
-  shapes = jax.eval_shape(patchdm.make(tiny_config(encoder)).init, jax.random.key(0), batch)
+  shapes = jax.eval_shape(get_system(tiny_config(encoder)).init, jax.random.key(0), batch)
   first = {'params': random_params(shapes, seed=1), 'ema_params': random_params(shapes, seed=2)}
   saver = checkpoint.Checkpointer(str(tmp_path / 'first' / 'checkpoints'), 1)
   saver.save(5, first, {})
@@ -280,7 +294,7 @@ def test_second_stage_with_an_encoder_trains_the_latent_dpm_on_the_frozen_encode
 
   config = tiny_config(encoder, 'latent.stage=second', f'init_from={tmp_path / "first"}',
                        f'frozen={patchdm.SECOND_STAGE_FROZEN[0]}')
-  system = patchdm.make(config)
+  system = get_system(config)
   shapes = jax.eval_shape(system.init, jax.random.key(0), batch)
   loaded = weights.initial_weights(config.init_from, config, shapes)
   assert set(loaded) == set(weights.flatten(first['params']))  # everything the first run has
@@ -303,7 +317,7 @@ def test_inpainting_mask_must_mark_some_but_not_all_pixels(tmp_path, mask_value,
   photo, holes = tmp_path / 'photo.png', tmp_path / 'holes.png'
   Image.fromarray(np.full((32, 64, 3), 90, np.uint8)).save(photo)
   Image.fromarray(np.full((32, 64), mask_value, np.uint8)).save(holes)
-  system = patchdm.make(tiny_config(f'edit.input={photo}', f'edit.mask={holes}'))
+  system = get_system(tiny_config(f'edit.input={photo}', f'edit.mask={holes}'))
   with pytest.raises(UserError, match=what):
     system.commands['inpaint'](None, jax.random.key(0), str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()

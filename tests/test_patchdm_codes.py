@@ -16,7 +16,8 @@ from visgen_jax.data import pipeline
 from visgen_jax.diffusion import schedules
 from visgen_jax.errors import UserError
 from visgen_jax.models import clip as clip_lib
-from visgen_jax.systems import System, patchdm
+from visgen_jax.models.latent_mlp import latent_loss
+from visgen_jax.systems import System, get_system, patchdm
 from visgen_jax.train import config as config_lib
 from visgen_jax.train import trainer
 
@@ -46,7 +47,7 @@ def test_clip_preprocess_is_open_clips_evaluation_transform():
   rng = np.random.default_rng(0)
   for h, w in ((40, 72), (96, 50), (32, 64), (20, 20)):
     pixels = rng.integers(0, 256, (h, w, 3), np.uint8)
-    ours = patchdm.clip_preprocess(pixels[None] / 127.5 - 1, 32)[0]
+    ours = clip_lib.preprocess(pixels[None] / 127.5 - 1, 32)[0]
     ours = ((ours + 1) / 2 - np.array(clip_lib.CLIP_MEAN)) / np.array(clip_lib.CLIP_STD)
     ref = transform(Image.fromarray(pixels)).numpy().transpose(1, 2, 0)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5, err_msg=f'{h}x{w}')
@@ -55,9 +56,9 @@ def test_clip_preprocess_is_open_clips_evaluation_transform():
 def test_clip_init_puts_the_clip_embedding_of_image_i_in_row_i(clip_file):
   import torch
   path, torch_model = clip_file
-  config = config_lib.load_config(TINY, ['model.code_init=clip', f'model.clip_checkpoint={path}',
-                                         'model.clip_preset=tiny', 'model.num_codes=120'])
-  system = patchdm.make(config)
+  config = config_lib.load_config(TINY, ['codes.init=clip', f'codes.clip_checkpoint={path}',
+                                         'codes.clip_preset=tiny', 'codes.num=120'])
+  system = get_system(config)
   unet = object()
   table = np.asarray(system.load_pretrained({'unet': unet, 'codes': jnp.zeros((120, 32))})['codes'])
   assert table.shape == (120, 32)
@@ -82,26 +83,27 @@ def test_clip_init_puts_the_clip_embedding_of_image_i_in_row_i(clip_file):
 
 
 @pytest.mark.parametrize('overrides, words', [
-    (['model.code_init=clip', 'model.clip_checkpoint=CLIP'], ['code_dim=32', '512']),
-    (['model.code_init=clip', 'model.clip_checkpoint=CLIP', 'model.clip_preset=tiny', 'model.code_dim=16'],
+    (['codes.init=clip', 'codes.clip_checkpoint=CLIP'], ['code_dim=32', '512']),
+    (['codes.init=clip', 'codes.clip_checkpoint=CLIP', 'codes.clip_preset=tiny', 'model.code_dim=16'],
      ['code_dim=16', '32']),
-    (['model.code_init=clip'], ['clip_checkpoint']),
-    (['model.code_init=clip', 'model.clip_checkpoint=/no/such.pt'], ['clip_checkpoint', '/no/such.pt']),
-    (['model.code_init=pca'], ['code_init', 'pca']),
-    (['model.code_source=vae'], ['code_source', 'vae']),
-    (['model.code_source=encoder', 'latent.znormalize=true'], ['latent.znormalize=false']),
-    (['model.code_source=encoder', 'latent.znormalize=false', 'model.code_init=clip'], ['code_init']),
-    (['model.code_source=encoder', 'latent.znormalize=false', 'latent.enabled=false'], ['latent.enabled']),
-    (['model.code_source=encoder', 'latent.znormalize=false', 'sample.code_index=0,1'], ['code_index']),
-    (['model.code_source=encoder', 'latent.znormalize=false', 'model.encoder.size=17,32'],
-     ['(17, 32)', 'divisible by 2']),
-    (['model.code_source=encoder', 'latent.znormalize=false', 'model.encoder.size=12,32'],
-     ['model.encoder.attention_resolutions', '8', '12, 6']),
+    (['codes.init=clip', 'codes.clip_checkpoint=CLIP', 'codes.clip_preset=ViT-B-17'],
+     ['config.codes.clip_preset', 'ViT-B-17', 'unknown']),
+    (['codes.init=clip'], ['clip_checkpoint']),
+    (['codes.init=clip', 'codes.clip_checkpoint=/no/such.pt'], ['clip_checkpoint', '/no/such.pt']),
+    (['codes.init=pca'], ['codes.init', 'pca']),
+    (['codes.source=vae'], ['codes.source', 'vae']),
+    (['codes.source=encoder', 'latent.znormalize=true'], ['latent.znormalize=false']),
+    (['codes.source=encoder', 'codes.init=clip'], ['codes.init']),
+    (['codes.source=encoder', 'latent.enabled=false'], ['latent.enabled']),
+    (['codes.source=encoder', 'sample.code_index=0,1'], ['code_index']),
+    (['codes.source=encoder', 'codes.encoder.size=17,32'], ['config.codes.encoder', '(17, 32)', 'divisible by 2']),
+    (['codes.source=encoder', 'codes.encoder.size=12,32'],
+     ['config.codes.encoder', 'attention_resolutions=(8,)', '12, 6']),
 ])
 def test_bad_code_settings_are_user_errors(clip_file, overrides, words):
   overrides = [o.replace('=CLIP', '=' + clip_file[0]) for o in overrides]
   with pytest.raises(UserError) as e:
-    patchdm.make(config_lib.load_config(TINY, overrides))
+    patchdm.validate(config_lib.load_config(TINY, overrides))
   for word in words:
     assert word in str(e.value)
 
@@ -110,9 +112,9 @@ def test_encoder_codes_train_with_the_unet_and_sampling_draws_latent_codes():
   # One-level UNet and encoder, no dropout in the UNet: short compiles.
   config = config_lib.load_config('configs/patchdm_256.py:tiny', [
       'sampler.steps=2', 'latent.sample_steps=2', 'model.channel_mult=1', 'model.attention_resolutions=16',
-      'model.dropout=0', 'model.encoder.channel_mult=1', 'model.encoder.attention_resolutions=16'])
-  assert config.model.code_source == 'encoder' and tuple(config.model.encoder.size) == (16, 16)
-  system = patchdm.make(config)
+      'model.dropout=0', 'codes.encoder.channel_mult=1', 'codes.encoder.attention_resolutions=16'])
+  assert config.codes.source == 'encoder' and tuple(config.codes.encoder.size) == (16, 16)
+  system = get_system(config)
   assert system.load_pretrained is None
   images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (4, 32, 32, 3)), jnp.float32)
   batch = {'image': images, 'index': jnp.arange(4, dtype=jnp.int32)}
@@ -129,7 +131,7 @@ def test_encoder_codes_train_with_the_unet_and_sampling_draws_latent_codes():
   # The latent DPM learns the batch's codes, one loss per code, through stop_gradient.
   codes = jnp.asarray(np.random.default_rng(5).normal(size=(4, 32)), jnp.float32)
   latent, base = patchdm.make_latent(config), schedules.make_schedule('const0.008', 1000)
-  per_code = lambda c: patchdm.latent_loss(latent, base, params['latent'], c, jax.random.key(4),
+  per_code = lambda c: latent_loss(latent, base, params['latent'], c, jax.random.key(4),
                                            batch_size=None, znormalize=False)
   (_, losses), to_codes = jax.jit(jax.value_and_grad(lambda c: (per_code(c).sum(), per_code(c)),
                                                      has_aux=True))(codes)
@@ -143,15 +145,16 @@ def test_paper_encoder_is_diffae_half_unet_at_256():
   """Five levels of 64 x (1, 2, 4, 8, 8) channels, two ResBlocks each, attention only at 16x16 and
   in the middle, a 512-d code from the pooled 512 channels (shapes only, nothing compiled)."""
   config = config_lib.load_config('configs/patchdm_256.py', [])
-  assert tuple(config.model.encoder.size) == (256, 256) and not config.latent.znormalize
-  encoder = patchdm.make_encoder(config.model)
+  assert tuple(config.codes.encoder.size) == (256, 256) and not config.latent.znormalize
+  encoder = patchdm.make_encoder(config)
   params = jax.eval_shape(encoder.init, jax.random.key(0), jnp.zeros((1, 256, 256, 3)))['params']
   assert sorted(k for k in params if k.endswith('_attn')) == ['input_blocks_13_attn', 'input_blocks_14_attn']
   assert {k for k in params if k.endswith('_down')} == {f'input_blocks_{i}_down' for i in (3, 6, 9, 12)}
   assert 'middle_block_1' in params and 'output_blocks_0_res' not in params
   assert params['input_blocks_10_res']['in_conv']['kernel'].shape == (3, 3, 256, 512)
   assert params['out_proj']['kernel'].shape == (512, 512)
-  assert patchdm.encoder_size((512, 1024)) == (256, 512)
+  # A larger image's shorter side is scaled to 256.
+  assert tuple(config_lib.load_config('configs/patchdm_1k.py', []).codes.encoder.size) == (256, 512)
 
 
 def test_trainer_applies_load_pretrained_on_a_fresh_start_and_not_on_resume(tmp_path, monkeypatch):

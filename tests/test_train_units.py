@@ -1,4 +1,7 @@
-"""Trainer pieces in-process: optimizer schedule, clipping, sharding rules, overrides, bf16."""
+"""Trainer pieces in-process: optimizer schedule, clipping, sharding rules, overrides, config
+variants, bf16."""
+
+import glob
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +30,22 @@ def test_overrides_parse_by_the_type_of_the_default():
     config_lib.load_config(TINY, ['optimizer.learning_rat=1'])
   with pytest.raises(UserError, match='comma-separated list of int'):
     config_lib.load_config(TINY, ['model.channel_mult=1,x'])
+
+
+def test_variant_applies_the_named_change_or_names_the_allowed_ones():
+  config = ml_collections.ConfigDict({'steps': 100})
+  tiny = lambda c: c.update(steps=2)
+  assert config_lib.variant(config, None, 'configs/x.py', tiny=tiny).steps == 100
+  assert config_lib.variant(config, 'tiny', 'configs/x.py', tiny=tiny).steps == 2
+  with pytest.raises(UserError, match=r'^--config=configs/x\.py:huge: unknown variant; allowed: tiny, small, or none'):
+    config_lib.variant(config, 'huge', 'configs/x.py', tiny=tiny, small=tiny)
+
+
+@pytest.mark.parametrize('path', sorted(set(glob.glob('configs/*.py')) - {'configs/patchdm_base.py'}))
+def test_every_config_loads_its_tiny_variant_and_refuses_unknown_ones(path):
+  assert config_lib.load_config(f'{path}:tiny').total_steps == 20
+  with pytest.raises(UserError, match=rf'^--config={path}:huge: unknown variant; allowed: tiny, or none'):
+    config_lib.load_config(f'{path}:huge')
 
 
 def test_warmup_then_cosine_and_gradient_clipping():

@@ -30,13 +30,14 @@ _overrides = []
 def run(argv):
   del argv
   # After flag parsing: keeps --help fast.
-  from visgen_jax import data  # pylint: disable=g-import-not-at-top
+  from visgen_jax import data, systems  # pylint: disable=g-import-not-at-top
   from visgen_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   if not FLAGS.config or not FLAGS.workdir:
     raise UserError('--config and --workdir are required, e.g. --config=configs/adm_ffhq256.py:tiny --workdir=/tmp/run.')
   config = config_lib.load_config(FLAGS.config, _overrides)
   config_lib.validate(config)
   data.validate(config.data)
+  systems.validate(config)
   if FLAGS.distributed:
     import jax
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

@@ -28,7 +28,7 @@ import os
 from absl import flags
 
 from visgen_jax import cli
-from visgen_jax.errors import UserError
+from visgen_jax.errors import UserError, for_setting
 
 KINDS = ('guided_diffusion', 'clip')
 
@@ -51,7 +51,7 @@ _overrides = []
 def _model_kwargs(state_dict) -> dict:
   """ADMUNet fields from --config, or inferred from the checkpoint and --image_size."""
   from visgen_jax.convert import guided_diffusion
-  from visgen_jax.models.adm_unet import ADMUNet
+  from visgen_jax.models.adm_unet import ADMUNet, adm_layout
   if FLAGS.config:
     from visgen_jax.train import config as config_lib
     config = config_lib.load_config(FLAGS.config, _overrides)
@@ -63,7 +63,10 @@ def _model_kwargs(state_dict) -> dict:
     if unknown:
       raise UserError(f'--config={FLAGS.config}: config.model has keys {", ".join(unknown)} that are not '
                       f'ADMUNet fields; allowed: {", ".join(sorted(fields))}.')
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    with for_setting('config.model'):
+      adm_layout(ADMUNet(**kwargs))
+    return kwargs
   if _overrides:
     raise UserError('--config.key=value overrides need --config.')
   if not FLAGS.image_size:
@@ -93,7 +96,12 @@ def run(argv):
       raise UserError(f'{", ".join(other_only) or "--config.*"} do not apply to --kind=clip; '
                       'use --preset and --act.')
     from visgen_jax.convert import clip
-    config, params = clip.load_clip_checkpoint(FLAGS.input, FLAGS.preset, act=FLAGS.act)
+    from visgen_jax.models import clip as clip_lib
+    preset = None
+    if FLAGS.preset is not None:
+      with for_setting('--preset'):
+        preset = clip_lib.clip_config(FLAGS.preset)
+    config, params = clip.load_clip_checkpoint(FLAGS.input, preset, act=FLAGS.act)
     _save(output, params)
     print(json.dumps({'output': output, 'config': config}))
     return

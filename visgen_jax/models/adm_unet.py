@@ -17,7 +17,6 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from visgen_jax.errors import UserError
 from visgen_jax.nn.layers import (
     AttentionBlock, Downsample, GroupNorm32, ResBlock, Upsample, conv2d, dense, timestep_embedding)
 
@@ -57,8 +56,8 @@ def attention_downsample_rates(image_size: int, attention_resolutions: Sequence[
   rates = {image_size // 2**level: 2**level for level in range(num_levels)}
   for res in attention_resolutions:
     if res not in rates:
-      raise UserError(f'attention_resolutions contains {res}, but a UNet with image_size={image_size} and '
-                      f'{num_levels} levels only has feature maps of sizes {sorted(rates, reverse=True)}.')
+      raise ValueError(f'attention_resolutions contains {res}, but a UNet with image_size={image_size} and '
+                       f'{num_levels} levels only has feature maps of sizes {sorted(rates, reverse=True)}.')
   return frozenset(rates[res] for res in attention_resolutions)
 
 
@@ -66,7 +65,7 @@ def adm_layout(cfg: 'ADMUNet') -> Layout:
   """The UNet's layers, in guided_diffusion's order (its `__init__` loops)."""
   mc, mult = cfg.model_channels, tuple(cfg.channel_mult)
   if not mult:
-    raise UserError('ADMUNet.channel_mult is empty; give one multiplier per resolution level, e.g. (1, 2, 4, 8).')
+    raise ValueError('ADMUNet.channel_mult is empty; give one multiplier per resolution level, e.g. (1, 2, 4, 8).')
   attn_ds = attention_downsample_rates(cfg.image_size, cfg.attention_resolutions, len(mult))
   heads_up = cfg.num_heads if cfg.num_heads_upsample == -1 else cfg.num_heads_upsample
 
@@ -198,18 +197,18 @@ class ADMUNet(nn.Module):
 
   def _check_inputs(self, x, t, y, code):
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
-      raise UserError(f'ADMUNet input x has shape {x.shape}; expected NHWC [B, H, W, {self.in_channels}].')
+      raise ValueError(f'ADMUNet input x has shape {x.shape}; expected NHWC [B, H, W, {self.in_channels}].')
     factor = 2 ** (len(self.channel_mult) - 1)
     if x.shape[1] % factor or x.shape[2] % factor:
-      raise UserError(f'ADMUNet input size {x.shape[1]}x{x.shape[2]} is not divisible by {factor}, '
-                      f'which its {len(self.channel_mult)} resolution levels need.')
+      raise ValueError(f'ADMUNet input size {x.shape[1]}x{x.shape[2]} is not divisible by {factor}, '
+                       f'which its {len(self.channel_mult)} resolution levels need.')
     if jnp.shape(t) != x.shape[:1]:
-      raise UserError(f'ADMUNet timesteps t have shape {jnp.shape(t)}; expected one per image, ({x.shape[0]},).')
+      raise ValueError(f'ADMUNet timesteps t have shape {jnp.shape(t)}; expected one per image, ({x.shape[0]},).')
     if bool(self.num_classes) != (y is not None):
-      raise UserError(f'ADMUNet with num_classes={self.num_classes} was called with y='
-                      f'{"None" if y is None else "labels"}; pass class labels y [B] iff num_classes is set.')
+      raise ValueError(f'ADMUNet with num_classes={self.num_classes} was called with y='
+                       f'{"None" if y is None else "labels"}; pass class labels y [B] iff num_classes is set.')
     if bool(self.code_dim) != (code is not None):
-      raise UserError(f'ADMUNet with code_dim={self.code_dim} was called with code='
-                      f'{"None" if code is None else "a code"}; pass code [B, code_dim] iff code_dim is set.')
+      raise ValueError(f'ADMUNet with code_dim={self.code_dim} was called with code='
+                       f'{"None" if code is None else "a code"}; pass code [B, code_dim] iff code_dim is set.')
     if code is not None and jnp.shape(code) != (x.shape[0], self.code_dim):
-      raise UserError(f'ADMUNet code has shape {jnp.shape(code)}; expected ({x.shape[0]}, {self.code_dim}).')
+      raise ValueError(f'ADMUNet code has shape {jnp.shape(code)}; expected ({x.shape[0]}, {self.code_dim}).')

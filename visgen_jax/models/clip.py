@@ -23,8 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
-from visgen_jax.errors import UserError
+from visgen_jax import image_io
 from visgen_jax.nn.attention import IMPLS, dot_product_attention, mask_token_attention
 
 Dtype = Any
@@ -64,12 +65,12 @@ def clip_config(preset: str | Mapping) -> dict:
   """A deep copy of a preset (by name) or of a config dict of the same layout."""
   if isinstance(preset, str):
     if preset not in CLIP_PRESETS:
-      raise UserError(f'CLIP preset {preset!r} is unknown; allowed: {", ".join(CLIP_PRESETS)}.')
+      raise ValueError(f'CLIP preset {preset!r} is unknown; allowed: {", ".join(CLIP_PRESETS)}.')
     preset = CLIP_PRESETS[preset]
   missing = {'embed_dim', 'act', 'vision', 'text'} - set(preset)
   if missing:
-    raise UserError(f'a CLIP config needs the keys embed_dim, act, vision, text; '
-                    f'{", ".join(sorted(missing))} missing.')
+    raise ValueError(f'a CLIP config needs the keys embed_dim, act, vision, text; '
+                     f'{", ".join(sorted(missing))} missing.')
   return dict(preset, vision=dict(preset['vision']), text=dict(preset['text']))
 
 
@@ -100,7 +101,7 @@ def quick_gelu(x):
 
 def _activation(name: str) -> Callable:
   if name not in ACTIVATIONS:
-    raise UserError(f'CLIP act={name!r} is unknown; allowed: {", ".join(ACTIVATIONS)}.')
+    raise ValueError(f'CLIP act={name!r} is unknown; allowed: {", ".join(ACTIVATIONS)}.')
   return quick_gelu if name == 'quick_gelu' else lambda x: jax.nn.gelu(x, approximate=False)
 
 
@@ -111,7 +112,7 @@ def layer_norm(dtype, name=None):
 
 def _check_heads(module, width, heads):
   if heads < 1 or width % heads:
-    raise UserError(f'{type(module).__name__}: width={width} is not divisible by heads={heads}.')
+    raise ValueError(f'{type(module).__name__}: width={width} is not divisible by heads={heads}.')
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -221,11 +222,11 @@ class VisionTransformer(nn.Module):
 
   def setup(self):
     if self.attention_impl not in IMPLS:
-      raise UserError(f'VisionTransformer attention_impl={self.attention_impl!r} is unknown; '
-                      f'allowed: {", ".join(IMPLS)}.')
+      raise ValueError(f'VisionTransformer attention_impl={self.attention_impl!r} is unknown; '
+                       f'allowed: {", ".join(IMPLS)}.')
     if self.image_size % self.patch_size:
-      raise UserError(f'VisionTransformer image_size={self.image_size} is not divisible by '
-                      f'patch_size={self.patch_size}.')
+      raise ValueError(f'VisionTransformer image_size={self.image_size} is not divisible by '
+                       f'patch_size={self.patch_size}.')
     _check_heads(self, self.width, self.heads)
     scale = self.width**-0.5
     grid = self.image_size // self.patch_size
@@ -242,13 +243,13 @@ class VisionTransformer(nn.Module):
     self.proj = self.param('proj', nn.initializers.normal(scale), (self.width, self.embed_dim))
 
   def grid(self, shape) -> tuple[int, int]:
-    """The patch grid (rows, cols) of images of `shape` [B, H, W, 3]; UserError if unusable."""
+    """The patch grid (rows, cols) of images of `shape` [B, H, W, 3]; ValueError if unusable."""
     if len(shape) != 4 or shape[-1] != 3:
-      raise UserError(f'CLIP images must be [B, H, W, 3] RGB in [-1, 1]; got shape {tuple(shape)}.')
+      raise ValueError(f'CLIP images must be [B, H, W, 3] RGB in [-1, 1]; got shape {tuple(shape)}.')
     h, w = shape[1:3]
     if h % self.patch_size or w % self.patch_size or not h or not w:
-      raise UserError(f'CLIP image size {h}x{w} is not a positive multiple of the patch size '
-                      f'{self.patch_size}; resize or pad it.')
+      raise ValueError(f'CLIP image size {h}x{w} is not a positive multiple of the patch size '
+                       f'{self.patch_size}; resize or pad it.')
     return h // self.patch_size, w // self.patch_size
 
   def tokens(self, images):
@@ -310,8 +311,8 @@ class TextTransformer(nn.Module):
 
   def __call__(self, text):
     if text.ndim != 2 or not 0 < text.shape[1] <= self.context_length:
-      raise UserError(f'CLIP text must be token ids [B, L] with 1 <= L <= {self.context_length}; '
-                      f'got shape {tuple(text.shape)}.')
+      raise ValueError(f'CLIP text must be token ids [B, L] with 1 <= L <= {self.context_length}; '
+                       f'got shape {tuple(text.shape)}.')
     length = text.shape[1]
     x = self.token_embedding(text) + self.positional_embedding[:length].astype(self.dtype)
     causal = jnp.tril(jnp.ones((length, length), bool))
@@ -330,8 +331,8 @@ class CLIP(nn.Module):
 
   def setup(self):
     if self.visual.embed_dim != self.text.embed_dim:
-      raise UserError(f'CLIP towers disagree on embed_dim: image {self.visual.embed_dim}, '
-                      f'text {self.text.embed_dim}.')
+      raise ValueError(f'CLIP towers disagree on embed_dim: image {self.visual.embed_dim}, '
+                       f'text {self.text.embed_dim}.')
     self.logit_scale = self.param('logit_scale', nn.initializers.constant(math.log(1 / 0.07)), ())
 
   def encode_image(self, images):
@@ -345,3 +346,35 @@ class CLIP(nn.Module):
     normalise = lambda f: f / jnp.linalg.norm(f, axis=-1, keepdims=True)
     return (normalise(self.encode_image(images)), normalise(self.encode_text(text)),
             jnp.exp(self.logit_scale))
+
+
+def preprocess(images, size: int) -> np.ndarray:
+  """CLIP's evaluation transform of [B, H, W, 3] images in [-1, 1]: the shorter
+  side resized to `size` (PIL bicubic, the longer side truncated as
+  torchvision's Resize), then the centre size×size crop; [-1, 1] float32 (the
+  tower normalises with CLIP's mean and std itself)."""
+  out = []
+  for image in np.asarray(images, np.float32):
+    im = Image.fromarray(image_io.to_uint8(image))
+    w, h = im.size
+    scale = size / min(w, h)
+    im = im.resize((size, int(h * scale)) if w <= h else (int(w * scale), size), Image.BICUBIC)
+    w, h = im.size
+    top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
+    out.append(image_io.to_float(im.crop((left, top, left + size, top + size))))
+  return np.stack(out)
+
+
+def embed_indexed_images(tower: 'VisionTransformer', params, batches, table: np.ndarray,
+                         batch_size: int) -> np.ndarray:
+  """`table` with row i set to the image embedding (projected, not normalised)
+  of the image of index i, for every image of `batches` ({'image' [n, H, W, 3]
+  in [-1, 1], 'index' [n]}, n <= batch_size), after `preprocess`. Batches are
+  padded to batch_size, so the tower compiles once."""
+  embed = jax.jit(lambda p, x: tower.apply({'params': p}, x))
+  for batch in batches:
+    n = len(batch['index'])
+    x = preprocess(batch['image'], tower.image_size)
+    x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
+    table[batch['index']] = np.asarray(embed(params, x))[:n]
+  return table

@@ -37,8 +37,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from visgen_jax.errors import UserError
 from visgen_jax.models.clip import CLIP_MEAN, VisionTransformer, layer_norm, quick_gelu
 from visgen_jax.nn.attention import mask_token_attention
 
@@ -127,13 +127,9 @@ class MaskCLIP(nn.Module):
   use_rma: bool = True
 
   def setup(self):
-    layers = tuple(self.rma_layers)
-    if (self.use_rma and layers
-        and (any(not 1 <= i <= self.clip.layers for i in layers) or list(layers) != sorted(set(layers)))):
-      raise UserError(f'MaskCLIP rma_layers={layers} must be increasing 1-based block indices '
-                      f'within 1..{self.clip.layers} (the CLIP tower has {self.clip.layers} blocks).')
     if self.use_rma:
-      self.rma = RelativeMaskAttention(len(layers), self.clip.width, self.clip.heads,
+      check_rma_layers(self.rma_layers, self.clip.layers)
+      self.rma = RelativeMaskAttention(len(self.rma_layers), self.clip.width, self.clip.heads,
                                        self.clip.patch_size, self.clip.dtype)
 
   def __call__(self, images, mask_logits):
@@ -153,9 +149,9 @@ class MaskCLIP(nn.Module):
     grid = clip.grid(images.shape)
     if (mask_logits.ndim != 4 or mask_logits.shape[0] != images.shape[0]
         or mask_logits.shape[2:] != images.shape[1:3]):
-      raise UserError(f'MaskCLIP mask logits must be [B, M, H, W] = [{images.shape[0]}, M, '
-                      f'{images.shape[1]}, {images.shape[2]}] for images {tuple(images.shape)}; '
-                      f'got {tuple(mask_logits.shape)}.')
+      raise ValueError(f'MaskCLIP mask logits must be [B, M, H, W] = [{images.shape[0]}, M, '
+                       f'{images.shape[1]}, {images.shape[2]}] for images {tuple(images.shape)}; '
+                       f'got {tuple(mask_logits.shape)}.')
     b, m = mask_logits.shape[:2]
     x = clip.tokens(images)
     x = jnp.concatenate([jnp.broadcast_to(x[:, :1], (b, m, clip.width)), x], axis=1)
@@ -178,6 +174,32 @@ class MaskCLIP(nn.Module):
     return clip.head(x[:, :m]), tuple(refined)
 
 
+def check_rma_layers(rma_layers, depth: int):
+  """ValueError unless `rma_layers` are increasing 1-based indices of a tower's `depth` blocks."""
+  layers = tuple(rma_layers)
+  if any(not 1 <= i <= depth for i in layers) or list(layers) != sorted(set(layers)):
+    raise ValueError(f'rma_layers={layers} must be increasing 1-based block indices within 1..{depth} '
+                     f'(the CLIP tower has {depth} blocks).')
+
+
+def class_embeddings(clip_model, clip_params, tokenize, vocabulary, templates) -> np.ndarray:
+  """[len(vocabulary), embed_dim] unit vectors: each name's CLIP text embeddings
+  of `templates` (each with one {} for the name) normalised, averaged and
+  normalised again; `tokenize` maps a list of prompts to token ids [P, L]."""
+  prompts = [t.format(name) for name in vocabulary for t in templates]
+  encode = jax.jit(lambda p, ids: clip_model.apply({'params': p}, ids, method='encode_text'))
+  features = np.asarray(encode(clip_params, tokenize(prompts)), np.float64)
+  features /= np.linalg.norm(features, axis=-1, keepdims=True)
+  features = features.reshape(len(vocabulary), len(templates), -1).mean(axis=1)
+  return (features / np.linalg.norm(features, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def class_logits(embeddings, text, temperature):
+  """cos(mask embedding, class embedding) / temperature: [B, M, E] x [C+1, E] → [B, M, C+1]."""
+  embeddings = embeddings / jnp.linalg.norm(embeddings, axis=-1, keepdims=True)
+  return jnp.einsum('bme,ce->bmc', embeddings, text) / temperature
+
+
 def clip_crop_features(clip: VisionTransformer, clip_params, images, mask_logits, *,
                        fill: str = 'mean'):
   """The "CLIP crop" baseline: one CLIP pass per mask on its masked, cropped image.
@@ -198,11 +220,11 @@ def clip_crop_features(clip: VisionTransformer, clip_params, images, mask_logits
     [B, M, embed_dim], unnormalised (as `MaskCLIP`'s embeddings).
   """
   if fill not in CROP_FILLS:
-    raise UserError(f'clip_crop_features fill={fill!r} is unknown; allowed: {", ".join(CROP_FILLS)}.')
+    raise ValueError(f'clip_crop_features fill={fill!r} is unknown; allowed: {", ".join(CROP_FILLS)}.')
   if (images.ndim != 4 or mask_logits.ndim != 4 or mask_logits.shape[0] != images.shape[0]
       or mask_logits.shape[2:] != images.shape[1:3]):
-    raise UserError(f'clip_crop_features needs images [B, H, W, 3] and mask logits [B, M, H, W] '
-                    f'of the same B, H, W; got {tuple(images.shape)} and {tuple(mask_logits.shape)}.')
+    raise ValueError(f'clip_crop_features needs images [B, H, W, 3] and mask logits [B, M, H, W] '
+                     f'of the same B, H, W; got {tuple(images.shape)} and {tuple(mask_logits.shape)}.')
   b, m, h, w = mask_logits.shape
   size = clip.image_size
   value = 2 * jnp.asarray(CLIP_MEAN) - 1 if fill == 'mean' else -jnp.ones(3)

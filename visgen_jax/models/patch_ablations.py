@@ -15,7 +15,6 @@ Both run the PatchUNet with `decode='plain'`, i.e. without feature collage:
 import jax.numpy as jnp
 import numpy as np
 
-from visgen_jax.errors import UserError
 from visgen_jax.models.patch_unet import PatchUNet, from_patches, midpoints, to_patches
 
 PATCH_MODES = ('collage', 'independent', 'pixel_shift')
@@ -23,7 +22,7 @@ PATCH_MODES = ('collage', 'independent', 'pixel_shift')
 
 def check_patch_mode(mode: str) -> str:
   if mode not in PATCH_MODES:
-    raise UserError(f'sample.patch_mode={mode!r} is unknown; allowed: {", ".join(PATCH_MODES)}.')
+    raise ValueError(f'patch mode {mode!r} is unknown; allowed: {", ".join(PATCH_MODES)}.')
   return mode
 
 

@@ -39,19 +39,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from visgen_jax.errors import UserError
 from visgen_jax.models.patch_unet import PatchUNet, from_patches, to_patches
 
 
 def rows_per_device(rows: int, devices: int, band_rows: int = 0) -> int:
   """Output patch rows each of `devices` takes of `rows`: ceil(rows / devices),
-  rounded up to whole bands of `band_rows` (0 = all at once); UserError if a
+  rounded up to whole bands of `band_rows` (0 = all at once); ValueError if a
   band is taller than a device's share."""
   share = -(-rows // devices)
   if band_rows < 0 or band_rows > share:
-    raise UserError(f'sample.stream_rows={band_rows} with sample.shard_rows: each of the {devices} devices '
-                    f'denoises {share} of the {rows} patch rows, so a band must be 1 … {share} rows '
-                    '(or 0: all of a device\'s rows at once).')
+    raise ValueError(f'band_rows={band_rows}: each of the {devices} devices denoises {share} of the {rows} '
+                     f"patch rows, so a band must be 1 … {share} rows (or 0: all of a device's rows at once).")
   band = band_rows or share
   return -(-share // band) * band
 
@@ -98,10 +96,10 @@ def sharded_denoiser(unet: PatchUNet, params, pos, pos_mask, mesh, axes=None, ba
   names = axes if isinstance(axes, tuple) else (axes,)
   unknown = [a for a in names + batch_axes if a not in mesh.axis_names]
   if unknown:
-    raise UserError(f'sharded_denoiser: axes {unknown} are not in the mesh {tuple(mesh.axis_names)}.')
+    raise ValueError(f'sharded_denoiser: axes {unknown} are not in the mesh {tuple(mesh.axis_names)}.')
   if set(names) & set(batch_axes):
-    raise UserError(f'sharded_denoiser: axes {sorted(set(names) & set(batch_axes))} split both the rows '
-                    'and the batch; give each mesh axis to one of them.')
+    raise ValueError(f'sharded_denoiser: axes {sorted(set(names) & set(batch_axes))} split both the rows '
+                     'and the batch; give each mesh axis to one of them.')
   devices = math.prod(mesh.shape[a] for a in names)
   image_groups = math.prod(mesh.shape[a] for a in batch_axes)
   rows = pos.shape[0] - 1
@@ -164,8 +162,8 @@ def sharded_denoiser(unet: PatchUNet, params, pos, pos_mask, mesh, axes=None, ba
 
   def denoise(x, t, code, use_pos):
     if x.shape[0] % image_groups:
-      raise UserError(f'sharded_denoiser: {x.shape[0]} images do not split over the {image_groups} devices '
-                      f'of the batch axes {batch_axes}.')
+      raise ValueError(f'sharded_denoiser: {x.shape[0]} images do not split over the {image_groups} devices '
+                       f'of the batch axes {batch_axes}.')
     dummy = max(devices * r - rows - 1, 0) * unet.patch_size
     padded = jnp.pad(x, ((0, 0), (half, half + dummy), (half, half), (0, 0)))
     patches = to_patches(padded, unet.patch_size)

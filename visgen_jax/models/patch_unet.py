@@ -16,7 +16,8 @@ a patch, whose features are collaged (`visgen_jax.kernels.collage`) from the
 bottleneck once and from every skip connection as it is consumed, each at its
 own level. The decoder's positions are the midpoints of the four neighbours.
 `PatchUNet.encode` / `PatchUNet.decode` are the two halves (apply with
-`method=`), which `streaming_denoiser` runs band by band.
+`method=`), which `streaming_denoiser` runs band by band. Training takes 2×2
+windows of patches (`crop_windows`, `window_losses`).
 """
 
 import types
@@ -29,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visgen_jax.errors import UserError
 from visgen_jax.kernels import collage_pallas
 from visgen_jax.models.adm_unet import adm_layout
 from visgen_jax.nn.layers import (
@@ -92,6 +92,13 @@ class PatchUNet(nn.Module):
   collage_impl: str = 'xla'  # 'pallas': the fused-gather kernel (collage_pallas)
 
   def layout(self):
+    """The ADM blocks of one patch; ValueError if the fields do not make a patch UNet."""
+    levels = len(self.channel_mult)
+    lowest = self.patch_size // 2 ** (levels - 1)
+    if self.patch_size % 2 ** (levels - 1) or lowest % 2:
+      raise ValueError(f'patch_size={self.patch_size} with {levels} levels gives {self.patch_size}/'
+                       f'{2 ** (levels - 1)}-pixel features that cannot shift by half a patch; use a '
+                       'patch size divisible by 2**levels.')
     return adm_layout(types.SimpleNamespace(
         image_size=self.patch_size, model_channels=self.model_channels, channel_mult=self.channel_mult,
         attention_resolutions=self.attention_resolutions, num_res_blocks=self.num_res_blocks,
@@ -196,26 +203,56 @@ class PatchUNet(nn.Module):
   def _check_inputs(self, x, t, pos, code, pos_mask, decode):
     p = self.patch_size
     if decode not in DECODE:
-      raise UserError(f'PatchUNet decode={decode!r}; allowed: {", ".join(DECODE)}.')
+      raise ValueError(f'PatchUNet decode={decode!r}; allowed: {", ".join(DECODE)}.')
     if x.ndim != 6 or x.shape[3:] != (p, p, self.in_channels):
-      raise UserError(f'PatchUNet input has shape {x.shape}; expected a grid of patches '
-                      f'[B, P1, P2, {p}, {p}, {self.in_channels}].')
+      raise ValueError(f'PatchUNet input has shape {x.shape}; expected a grid of patches '
+                       f'[B, P1, P2, {p}, {p}, {self.in_channels}].')
     b, p1, p2 = x.shape[:3]
     if decode != 'plain' and (p1 < 2 or p2 < 2):
-      raise UserError(f'PatchUNet: feature collage needs a grid of at least 2x2 patches, got {p1}x{p2}.')
-    lowest = p // 2 ** (len(self.channel_mult) - 1)
-    if p % 2 ** (len(self.channel_mult) - 1) or lowest % 2:
-      raise UserError(f'PatchUNet: patch_size={p} with {len(self.channel_mult)} levels gives {p}/'
-                      f'{2 ** (len(self.channel_mult) - 1)}-pixel features that cannot shift by half a '
-                      'patch; use a patch size divisible by 2**levels.')
+      raise ValueError(f'PatchUNet: feature collage needs a grid of at least 2x2 patches, got {p1}x{p2}.')
     if tuple(t.shape) != (b,):
-      raise UserError(f'PatchUNet timesteps t have shape {tuple(t.shape)}; expected ({b},).')
+      raise ValueError(f'PatchUNet timesteps t have shape {tuple(t.shape)}; expected ({b},).')
     if tuple(pos.shape) != (b, p1, p2, 2):
-      raise UserError(f'PatchUNet pos has shape {tuple(pos.shape)}; expected ({b}, {p1}, {p2}, 2).')
+      raise ValueError(f'PatchUNet pos has shape {tuple(pos.shape)}; expected ({b}, {p1}, {p2}, 2).')
     if tuple(pos_mask.shape) != (b, p1, p2):
-      raise UserError(f'PatchUNet pos_mask has shape {tuple(pos_mask.shape)}; expected ({b}, {p1}, {p2}).')
+      raise ValueError(f'PatchUNet pos_mask has shape {tuple(pos_mask.shape)}; expected ({b}, {p1}, {p2}).')
     if tuple(code.shape) != (b, self.code_dim):
-      raise UserError(f'PatchUNet code has shape {tuple(code.shape)}; expected ({b}, {self.code_dim}).')
+      raise ValueError(f'PatchUNet code has shape {tuple(code.shape)}; expected ({b}, {self.code_dim}).')
+
+
+def patch_grid(hw, patch: int):
+  """(N1, N2) patches of an (H, W) image; ValueError unless both divide."""
+  if len(hw) != 2 or min(hw) <= 0 or hw[0] % patch or hw[1] % patch:
+    raise ValueError(f'{"x".join(map(str, hw))} is not an H,W size divisible by the patch size {patch}; '
+                     f'use multiples of {patch}.')
+  return hw[0] // patch, hw[1] // patch
+
+
+def crop_windows(arrays, wi, wj, patch: int):
+  """The 2×2-patch window starting at patch (wi[b], wj[b]) of every image of each
+  of `arrays` [B, H, W, C], and the window's patch positions [B, 2, 2, 2]."""
+  crop = jax.vmap(lambda img, i, j: jax.lax.dynamic_slice(
+      img, (i * patch, j * patch, 0), (2 * patch, 2 * patch, img.shape[-1])))
+  offsets = jnp.arange(2, dtype=jnp.float32)
+  pos = jnp.stack(jnp.broadcast_arrays(wi[:, None, None] + offsets[None, :, None],
+                                       wj[:, None, None] + offsets[None, None, :]), axis=-1)
+  return [crop(a, wi, wj) for a in arrays], pos
+
+
+def window_losses(shifted, plain, noise, inside):
+  """Per-example ε-MSE of one 2×2 window: (collaged centre patch, plain patches
+  masked to the unpadded area).
+
+  shifted [B, 1, 1, p, p, C] and plain [B, 2, 2, p, p, C] are the model's
+  outputs; noise [B, 2p, 2p, C] and inside [B, 2p, 2p, 1] (1 = image, 0 =
+  padding) are the window's. The masked mean is over the whole window.
+  """
+  patch = shifted.shape[3]
+  half = patch // 2
+  target = noise[:, half:half + patch, half:half + patch]
+  mse_collage = jnp.mean(jnp.square(shifted[:, 0, 0].astype(jnp.float32) - target), axis=(1, 2, 3))
+  err = jnp.square(plain.astype(jnp.float32) - to_patches(noise, patch)) * to_patches(inside, patch)
+  return mse_collage, jnp.mean(err, axis=(1, 2, 3, 4, 5))
 
 
 POSITION_MODES = ('interpolate', 'extend')
@@ -232,25 +269,23 @@ def grid_positions(grid, train_grid, mode: str = 'interpolate', *, unconditional
   needs a model trained with position dropout (`unconditional_positions`).
   """
   if mode not in POSITION_MODES:
-    raise UserError(f'sample.positions={mode!r} is unknown; allowed: {", ".join(POSITION_MODES)}.')
+    raise ValueError(f'position mode {mode!r} is unknown; allowed: {", ".join(POSITION_MODES)}.')
   coords, valid = [], []
   for n, trained in zip(grid, train_grid):
     if mode == 'interpolate':
       c = np.arange(n + 1) * (trained / n)
     else:
       if n < trained:
-        raise UserError(f'sample.positions=extend: a grid of {tuple(grid)} patches is smaller than the '
-                        f'trained {tuple(train_grid)}, so the position embedding cannot place it; use '
-                        'sample.positions=interpolate.')
+        raise ValueError(f"'extend': a grid of {tuple(grid)} patches is smaller than the trained "
+                         f"{tuple(train_grid)}, so the position embedding cannot place it; use 'interpolate'.")
       c = np.arange(n + 1) - (n - trained) // 2
     coords.append(c.astype(np.float32))
     valid.append((c >= 0) & (c <= trained))
   mask = (valid[0][:, None] & valid[1][None, :]).astype(np.float32)
   if not mask.all() and not unconditional_positions:
-    raise UserError(f'sample.size: a grid of {tuple(grid)} patches reaches beyond the trained '
-                    f'{tuple(train_grid)}, where patches get no position embedding, but the model was '
-                    'trained without position dropout (diffusion.pos_drop=0); use '
-                    'sample.positions=interpolate.')
+    raise ValueError(f"'extend': a grid of {tuple(grid)} patches reaches beyond the trained "
+                     f'{tuple(train_grid)}, where patches get no position embedding, but the model was '
+                     "trained without position dropout; use 'interpolate'.")
   pos = np.stack(np.meshgrid(coords[0], coords[1], indexing='ij'), axis=-1)
   return pos, mask
 
@@ -280,10 +315,10 @@ def collage_denoiser(unet: PatchUNet, params, pos, pos_mask):
 
 
 def check_band_rows(rows: int, band_rows: int) -> int:
-  """`rows` (output patch rows) if bands of `band_rows` tile them; else UserError."""
+  """`rows` (output patch rows) if bands of `band_rows` tile them; else ValueError."""
   if band_rows < 1 or rows % band_rows:
-    raise UserError(f'sample.stream_rows={band_rows} must divide the {rows} patch rows of the image; '
-                    f'use a divisor of {rows} (1 keeps the least in memory).')
+    raise ValueError(f'band_rows={band_rows} must divide the {rows} patch rows of the image; '
+                     f'use a divisor of {rows} (1 keeps the least in memory).')
   return rows
 
 

@@ -8,6 +8,9 @@ then GroupNorm → SiLU → global average → 1×1 conv to the code (pool
 'adaptivenonzero'). Its defaults there: 64 channels × (1, 2, 4, 8, 8), two
 ResBlocks per level, attention at 16×16, one head, dropout 0.1, a 512-d code.
 
+The whole image is resized (bilinear) to `size` first: the public code's
+encoder sees 256² images at every resolution it trains.
+
 The blocks are the project's ADM ones (`adm_layout`, `ResBlock`,
 `AttentionBlock`). `ResBlock` always projects an embedding; fed zeros, that
 projection is a learned per-channel bias right after `in_conv`'s own bias, so
@@ -19,9 +22,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from visgen_jax.errors import UserError
 from visgen_jax.models.adm_unet import adm_layout
 from visgen_jax.nn.layers import AttentionBlock, Downsample, GroupNorm32, ResBlock, conv2d, dense
 
@@ -29,10 +32,12 @@ from visgen_jax.nn.layers import AttentionBlock, Downsample, GroupNorm32, ResBlo
 class SemanticEncoder(nn.Module):
   """images [B, H, W, C] in [-1, 1] → codes [B, code_dim] (float32).
 
-  `attention_resolutions` are feature-map heights in pixels, as in the ADM
-  UNet; H and W must be divisible by 2^(levels - 1). Dropout draws from the
-  'dropout' rng stream when `train=True`.
+  The images are resized to `size` (H, W), which must be divisible by
+  2^(levels - 1); `attention_resolutions` are feature-map heights in pixels
+  there, as in the ADM UNet. Dropout draws from the 'dropout' rng stream when
+  `train=True`.
   """
+  size: Sequence[int] = (256, 256)
   code_dim: int = 512
   model_channels: int = 64
   channel_mult: Sequence[int] = (1, 2, 4, 8, 8)
@@ -45,17 +50,17 @@ class SemanticEncoder(nn.Module):
   dtype: Any = jnp.float32
   attn_impl: str = 'xla'
 
-  def layout(self, hw):
-    """The ADM input and middle blocks for images of size hw = (H, W)."""
+  def layout(self):
+    """The ADM input and middle blocks at `size`; ValueError if the fields do not fit together."""
+    hw = tuple(self.size)
     factor = 2 ** (len(self.channel_mult) - 1)
     if len(hw) != 2 or min(hw) <= 0 or hw[0] % factor or hw[1] % factor:
-      raise UserError(f'config.model.encoder.size={tuple(hw)} must be H,W divisible by {factor}, which '
-                      f'the semantic encoder\'s {len(self.channel_mult)} resolution levels need.')
+      raise ValueError(f'size={hw} must be H,W divisible by {factor}, which the semantic encoder\'s '
+                       f'{len(self.channel_mult)} resolution levels need.')
     heights = [hw[0] // 2**level for level in range(len(self.channel_mult))]
     if not set(self.attention_resolutions) <= set(heights):
-      raise UserError(f'config.model.encoder.attention_resolutions={tuple(self.attention_resolutions)} '
-                      f'must be feature-map heights of the semantic encoder: {", ".join(map(str, heights))} '
-                      f'for encoder.size={tuple(hw)}.')
+      raise ValueError(f'attention_resolutions={tuple(self.attention_resolutions)} must be feature-map '
+                       f'heights of the semantic encoder: {", ".join(map(str, heights))} for size={hw}.')
     return adm_layout(types.SimpleNamespace(
         image_size=hw[0], model_channels=self.model_channels, channel_mult=self.channel_mult,
         attention_resolutions=self.attention_resolutions, num_res_blocks=self.num_res_blocks,
@@ -63,8 +68,11 @@ class SemanticEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    layout = self.layout(images.shape[1:3])
-    no_time = jnp.zeros((images.shape[0], 1), self.dtype)
+    layout = self.layout()
+    b, height, width, c = images.shape
+    if (height, width) != tuple(self.size):
+      images = jax.image.resize(images, (b, *self.size, c), 'linear')
+    no_time = jnp.zeros((b, 1), self.dtype)
     h = images.astype(self.dtype)
     for spec in [s for block in layout.input_blocks for s in block] + list(layout.middle_block):
       if spec.kind == 'conv_in':

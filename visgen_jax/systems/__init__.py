@@ -1,6 +1,10 @@
 """One thin recipe per system: model + loss + sampler. Nothing generic lives here.
 
-A recipe module has `make(config) -> System`; the trainer knows only `System`.
+A recipe module has `validate(config)`, every check of the config that needs
+no built object (UserError sentences naming the key; nothing is built, no
+device is touched), and `make(config) -> System`, which only wires. The core
+calls `validate` before anything is built or written; the trainer knows only
+`System`.
 """
 
 import dataclasses
@@ -39,7 +43,19 @@ class System:
   segmenter: Optional[Callable[[Any, Any], Callable[[dict], tuple]]] = None
 
 
-def get_system(config) -> System:
+def _recipe(config):
   if config.system not in RECIPES:
     raise UserError(f'config.system={config.system!r} is not a known system; allowed: {", ".join(RECIPES)}.')
-  return importlib.import_module(f'visgen_jax.systems.{config.system}').make(config)
+  return importlib.import_module(f'visgen_jax.systems.{config.system}')
+
+
+def validate(config):
+  """The checks of config.system's recipe; UserError on the first mistake."""
+  _recipe(config).validate(config)
+
+
+def get_system(config) -> System:
+  """The validated config's system."""
+  recipe = _recipe(config)
+  recipe.validate(config)
+  return recipe.make(config)

@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 
 from visgen_jax.diffusion import editing, losses, samplers, schedules
-from visgen_jax.errors import UserError
-from visgen_jax.models.adm_unet import ADMUNet
+from visgen_jax.errors import UserError, for_setting
+from visgen_jax.models.adm_unet import ADMUNet, adm_layout
 from visgen_jax.systems import System
 
 
@@ -15,7 +15,7 @@ def make_unet(model_config, compute_dtype='float32') -> ADMUNet:
   return ADMUNet(**model_config, dtype=jnp.dtype(compute_dtype))
 
 
-def make(config) -> System:
+def validate(config):
   res = config.data.resolution
   if res != config.model.image_size:
     raise UserError(f'config.data.resolution={res} differs from config.model.image_size={config.model.image_size}; '
@@ -24,12 +24,20 @@ def make(config) -> System:
   if config.model.out_channels != want_out:
     raise UserError(f'config.model.out_channels={config.model.out_channels} but learn_sigma='
                     f'{config.diffusion.learn_sigma} needs {want_out}.')
-  unet = make_unet(config.model, config.compute_dtype)
-  base = schedules.make_schedule(config.diffusion.noise_schedule, config.diffusion.num_timesteps)
-  sample_schedule, sample_options = samplers.from_config(config, base)
+  with for_setting('config.model'):
+    adm_layout(make_unet(config.model))
+  samplers.from_config(config, schedules.make_schedule(config.diffusion.noise_schedule,
+                                                       config.diffusion.num_timesteps))
   if config.sampler.guidance_scale:
     raise UserError('config.sampler.guidance_scale: classifier-free guidance needs a model trained with '
                     'condition dropout; the adm system is unconditional, leave it at 0.')
+
+
+def make(config) -> System:
+  res = config.data.resolution
+  unet = make_unet(config.model, config.compute_dtype)
+  base = schedules.make_schedule(config.diffusion.noise_schedule, config.diffusion.num_timesteps)
+  sample_schedule, sample_options = samplers.from_config(config, base)
 
   def init(key, batch):
     x = batch['image']

@@ -29,26 +29,24 @@ config.evals.seg: --mode=eval [--config.evals.seg.path=DATASET] → mIoU, PQ/SQ/
 """
 
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+from PIL import Image
 
 from visgen_jax import image_io
 from visgen_jax.convert.clip import load_clip_checkpoint
 from visgen_jax.data import folder
 from visgen_jax.data import segmentation as seg_data
-from visgen_jax.errors import UserError
+from visgen_jax.errors import UserError, for_setting
 from visgen_jax.models import clip as clip_lib
-from visgen_jax.models.maskclip import MaskCLIP
-from visgen_jax.segmentation import losses, postprocess
+from visgen_jax.models.maskclip import MaskCLIP, check_rma_layers, class_embeddings, class_logits
+from visgen_jax.nn.attention import IMPLS
+from visgen_jax.segmentation import losses, results
 from visgen_jax.systems import System
 from visgen_jax.text import tokenizer as tokenizer_lib
-from visgen_jax.train import logging as vlog
-from visgen_jax.train.config import base_config
+from visgen_jax.train import config as config_lib
 
 # The random CLIP used without a checkpoint is drawn from this key, so every
 # command of a run (train, segment, eval) sees the same text tower.
@@ -92,38 +90,39 @@ def load_clip(model_config):
   return model, jax.device_get(params)
 
 
-def class_embeddings(model_config, clip_model, clip_params, names) -> np.ndarray:
+def text_embeddings(model_config, clip_model, clip_params, names) -> np.ndarray:
   """[len(names) + 1, embed_dim] unit vectors: each name's prompts' mean, then 'no object'."""
   tokenizer = tokenizer_lib.Tokenizer(merges_path(model_config))
-  templates = tuple(model_config.prompt_templates)
-  vocabulary = list(names) + [model_config.no_object_name]
-  prompts = [t.format(name) for name in vocabulary for t in templates]
-  encode = jax.jit(lambda p, ids: clip_model.apply({'params': p}, ids, method='encode_text'))
-  features = np.asarray(encode(clip_params, tokenizer(prompts)), np.float64)
-  features /= np.linalg.norm(features, axis=-1, keepdims=True)
-  features = features.reshape(len(vocabulary), len(templates), -1).mean(axis=1)
-  return (features / np.linalg.norm(features, axis=-1, keepdims=True)).astype(np.float32)
+  return class_embeddings(clip_model, clip_params, tokenizer, list(names) + [model_config.no_object_name],
+                          tuple(model_config.prompt_templates))
 
 
-def class_logits(embeddings, text, temperature):
-  """cos(mask embedding, class embedding) / temperature: [B, M, E] x [C+1, E] → [B, M, C+1]."""
-  embeddings = embeddings / jnp.linalg.norm(embeddings, axis=-1, keepdims=True)
-  return jnp.einsum('bme,ce->bmc', embeddings, text) / temperature
+def validate(config):
+  m = config.model
+  config_lib.check_choice(config, 'model.clip_preset', clip_lib.CLIP_PRESETS)
+  config_lib.check_choice(config, 'model.attention_impl', IMPLS)
+  if not tuple(m.prompt_templates) or not all('{}' in t for t in m.prompt_templates):
+    raise UserError(f'config.model.prompt_templates={tuple(m.prompt_templates)} must be non-empty, each '
+                    'with one {} where the class name goes.')
+  if m.clip_checkpoint and not os.path.isfile(m.clip_checkpoint):
+    raise UserError(f'config.model.clip_checkpoint={m.clip_checkpoint!r}: no such file.')
+  merges_path(m)
+  tower = clip_lib.vision_tower(m.clip_preset)
+  if m.use_rma:
+    with for_setting('config.model'):
+      check_rma_layers(m.rma_layers, tower.layers)
+  size = folder.parse_resolution(config.data.resolution, 'data.resolution')[0]
+  with for_setting('config.data.resolution'):
+    tower.grid((1, size, size, 3))
 
 
 def make(config) -> System:
   m = config.model
-  if m.clip_preset not in clip_lib.CLIP_PRESETS:
-    raise UserError(f'config.model.clip_preset={m.clip_preset!r} is unknown; allowed: '
-                    f'{", ".join(clip_lib.CLIP_PRESETS)}.')
-  if not tuple(m.prompt_templates) or not all('{}' in t for t in m.prompt_templates):
-    raise UserError(f'config.model.prompt_templates={tuple(m.prompt_templates)} must be non-empty, each '
-                    'with one {} where the class name goes.')
   clip_model, clip_params = load_clip(m)
   vision = clip_model.visual.clone(attention_impl=m.attention_impl)
   model = MaskCLIP(clip=vision, rma_layers=tuple(m.rma_layers), use_rma=m.use_rma)
   _, info = seg_data.make_segmentation_source(config.data)
-  train_text = jnp.asarray(class_embeddings(m, clip_model, clip_params, info.class_names))
+  train_text = jnp.asarray(text_embeddings(m, clip_model, clip_params, info.class_names))
   num_classes = len(info.class_names)
   loss_options = dict(config.loss)
 
@@ -156,7 +155,7 @@ def make(config) -> System:
   predict_jit = jax.jit(predict)
 
   def segmenter(params, names):
-    text = jnp.asarray(class_embeddings(m, clip_model, clip_params, names))
+    text = jnp.asarray(text_embeddings(m, clip_model, clip_params, names))
 
     def predict(example):
       images = jnp.asarray(example['image'])[None]
@@ -174,9 +173,9 @@ def make(config) -> System:
     size = folder.parse_resolution(config.data.resolution, 'data.resolution')[0]
     example = seg_data.inference_example(image, proposals, size, config.data.max_proposals)
     logits, masks = segmenter(params, names)(example)
-    masks = _resize_logits(masks, (image.height, image.width))
-    write_segmentation(workdir, config.image, np.asarray(image), names, is_thing, logits, masks,
-                       config.inference)
+    masks = results.resize_logits(masks, (image.height, image.width))
+    results.write_segmentation(workdir, config.image, np.asarray(image), names, is_thing, logits, masks,
+                               config.inference)
 
   return System(init=init, loss_fn=loss_fn,
                 init_from=clip_weights if m.clip_checkpoint else (),
@@ -201,109 +200,3 @@ def segment_inputs(config):
                     'format: visgen_jax/data/segmentation/records.py).')
   proposals = seg_data.load_proposals(config.proposals, (image.height, image.width))
   return names, np.array([n not in stuff for n in names]), image, proposals
-
-
-def _resize_logits(masks, hw):
-  """[M, h, w] mask logits bilinearly resized to hw = (H, W)."""
-  if masks.shape[0] == 0:
-    return np.zeros((0, *hw), np.float32)
-  return np.asarray(jax.image.resize(jnp.asarray(masks), (masks.shape[0], *hw), 'linear'))
-
-
-def write_segmentation(workdir, image_path, image, names, is_thing, logits, masks, options):
-  """overlay.png, masks/<class>.png, panoptic.png + panoptic.json for one image, all or nothing,
-  from process 0 only."""
-  if not image_io.is_writer():
-    return
-  stem = os.path.splitext(os.path.basename(image_path))[0]
-  out_root = os.path.join(workdir, 'segment')
-  os.makedirs(out_root, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{stem}-', dir=out_root)
-  try:
-    if len(logits):
-      scores = postprocess.semantic_inference(logits, masks)
-      semantic = scores.argmax(0)
-      pan_map, segments = postprocess.panoptic_inference(
-          logits, masks, is_thing, options.object_mask_threshold, options.overlap_threshold)
-    else:  # no proposals: a defined empty result
-      semantic, pan_map, segments = None, np.zeros(image.shape[:2], np.int32), []
-    os.makedirs(os.path.join(tmp, 'masks'))
-    if semantic is not None:
-      for c in np.unique(semantic):
-        image_io.save_png(os.path.join(tmp, 'masks', f'{_file_name(names[c])}.png'),
-                      np.repeat(((semantic == c) * 255).astype(np.uint8)[..., None], 3, -1))
-    image_io.save_png(os.path.join(tmp, 'overlay.png'), overlay(image, pan_map))
-    categories = [{'id': i, 'name': n, 'isthing': int(t)} for i, (n, t) in enumerate(zip(names, is_thing))]
-    entry = postprocess.write_coco_panoptic(os.path.join(tmp, 'panoptic.png'), pan_map, segments, stem)
-    for segment, info in zip(entry['segments_info'], [s for s in segments if s['area']]):
-      segment['score'] = info['score']
-    postprocess.write_coco_panoptic_json(os.path.join(tmp, 'panoptic.json'), [entry], categories)
-    os.chmod(tmp, 0o777 & ~image_io.umask())  # mkdtemp makes it private
-    final = os.path.join(out_root, stem)
-    if os.path.isdir(final):
-      shutil.rmtree(final)
-    os.replace(tmp, final)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  names_found = sorted({names[s['category_id']] for s in segments})
-  print(f'Wrote {final}: {len(segments)} segments ({", ".join(names_found) or "none"})', flush=True)
-
-
-def _file_name(name: str) -> str:
-  return ''.join(ch if ch.isalnum() or ch in '-_' else '_' for ch in name)
-
-
-def overlay(image, panoptic_map, alpha: float = 0.5):
-  """The image with every panoptic segment tinted by a fixed colour per id."""
-  colours = np.random.default_rng(0).integers(40, 256, size=(int(panoptic_map.max()) + 1, 3))
-  tinted = (1 - alpha) * image + alpha * colours[panoptic_map]
-  return np.where(panoptic_map[..., None] > 0, tinted, image).astype(np.uint8)
-
-
-def default_config(preset: str = 'ViT-L-14-336-quickgelu', resolution: int = 336):
-  """The paper's MaskCLIP (ViT-L/14@336, RMA at 6, 12, 18, 24) on COCO panoptic."""
-  c = base_config()
-  c.system = 'maskclip'
-  c.total_steps = 10_000
-  c.batch_size = 8
-  c.log_every = 50
-  c.ckpt_every = 1000
-  c.sample_every = 0
-  c.optimizer.update(name='adamw', learning_rate=1e-4, weight_decay=0.05, ema_decay=0.0)
-  c.frozen = ('^clip/',)  # CLIP stays frozen; only RMA's layers train
-  c.sample.use_ema = False
-  c.data = ml_collections.ConfigDict(dict(
-      name='segmentation', path='', resolution=resolution, random_flip=True, scale_range=(1.0, 1.0),
-      max_segments=100, max_proposals=100, proposals='auto', worker_count=0, prefetch=2))
-  c.model = ml_collections.ConfigDict(dict(
-      clip_preset=preset, clip_checkpoint='', merges='', rma_layers=(6, 12, 18, 24), use_rma=True,
-      attention_impl='xla', temperature=0.01, prompt_templates=('{}',), no_object_name='other'))
-  c.loss = ml_collections.ConfigDict(dict(
-      class_weight=2.0, mask_weight=5.0, dice_weight=5.0, no_object_weight=losses.NO_OBJECT_WEIGHT,
-      num_points=losses.NUM_POINTS, oversample_ratio=losses.OVERSAMPLE_RATIO,
-      importance_sample_ratio=losses.IMPORTANCE_SAMPLE_RATIO))
-  c.inference = ml_collections.ConfigDict(dict(
-      object_mask_threshold=postprocess.OBJECT_MASK_THRESHOLD,
-      overlap_threshold=postprocess.OVERLAP_THRESHOLD, topk=postprocess.TOPK_PER_IMAGE,
-      stuff_classes=''))
-  c.classes = ''  # --mode=segment: the vocabulary, comma-separated
-  c.image = ''
-  c.proposals = ''
-  # --mode=eval (and every eval_every steps): mIoU, PQ, mask AP on `path` ('' = data.path), its
-  # first `max_images` images (0 = all).
-  c.evals.seg = ml_collections.ConfigDict(dict(type='segmentation', path='', max_images=0))
-  return c
-
-
-def tiny(c):
-  """CPU-sized: the 'tiny' CLIP (random weights) on the built-in shapes set at 64²."""
-  c.total_steps = 20
-  c.batch_size = 2
-  c.log_every = 5
-  c.ckpt_every = 10
-  c.data.update(name=seg_data.SAMPLE_NAME, resolution=64, max_segments=8, max_proposals=8)
-  c.model.update(clip_preset='tiny', rma_layers=(2, 4))
-  c.loss.num_points = 256
-  c.inference.topk = 10
-  return c

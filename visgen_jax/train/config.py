@@ -1,15 +1,18 @@
 """Experiment configs: the keys every config shares, loading, overrides, validation.
 
 A config file is `configs/<experiment>.py` with `get_config(arg=None)`; `arg` is the
-variant after the colon (`configs/adm_ffhq256.py:tiny`). Overrides are
-`--config.key=value` (nested: `--config.optimizer.learning_rate=3e-4`). Every
-mistake becomes a `UserError` naming the key and what is allowed.
+variant after the colon (`configs/adm_ffhq256.py:tiny`), applied with `variant`.
+A config file may import the modules beside it (`import patchdm_base`): shared
+settings live there. Overrides are `--config.key=value` (nested:
+`--config.optimizer.learning_rate=3e-4`). Every mistake becomes a `UserError`
+naming the key and what is allowed.
 """
 
 import ast
 import difflib
 import importlib.util
 import os
+import sys
 
 import ml_collections
 
@@ -82,7 +85,12 @@ def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
     raise UserError(f'--config: no config file at {path!r} (expected configs/<experiment>.py[:variant]).')
   module_spec = importlib.util.spec_from_file_location('visgen_experiment_config', path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  folder = os.path.dirname(os.path.abspath(path))
+  sys.path.insert(0, folder)  # for imports of the config files beside it
+  try:
+    module_spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(folder)
   if not hasattr(module, 'get_config'):
     raise UserError(f'--config: {path} has no get_config(arg) function.')
   config = module.get_config(variant or None)
@@ -92,6 +100,19 @@ def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
       raise UserError(f'--config.{key}: write overrides as --config.{key}=VALUE.')
     _override(config, key, value)
   config.lock()
+  return config
+
+
+def variant(config, arg, path: str, **variants):
+  """`config` changed by the variant `arg` names: `variants` maps each name to a
+  function that changes a config in place; arg None leaves it as it is.
+  `path` is the config file's (its __file__), for the error."""
+  if arg is None:
+    return config
+  if arg not in variants:
+    raise UserError(f'--config={os.path.relpath(path)}:{arg}: unknown variant; allowed: '
+                    f'{", ".join(variants)}, or none for the full config.')
+  variants[arg](config)
   return config
 
 
@@ -175,6 +196,13 @@ def validate(config):
   need(config.optimizer.schedule in ('constant', 'cosine'), 'optimizer.schedule', 'constant or cosine')
   need(0.0 <= config.optimizer.ema_decay < 1.0, 'optimizer.ema_decay', 'a number in [0, 1)')
   need(set(config.mesh.keys()) == {'data', 'fsdp', 'model'}, 'mesh', 'exactly the axes data, fsdp, model')
+
+
+def check_choice(config, key: str, allowed):
+  """UserError unless config.<key> (dotted) is one of `allowed`."""
+  value = config_get(config, key)
+  if value not in allowed:
+    raise UserError(f'config.{key}={value!r} is unknown; allowed: {", ".join(allowed)}.')
 
 
 def config_get(config, dotted_key):
