@@ -1,17 +1,31 @@
-"""FID Inception vs pytorch-fid on shared random weights; its converter.
+"""FID: the Inception vs pytorch-fid on shared random weights, its converter, the metrics vs
+direct numpy formulas, feature extraction, the command and the evaluator.
 
 Parity tolerance: max |flax − torch| ≤ 1e-4 over each output (activations are near unit scale:
 see visgen_jax.bench.oracles.fid_inception_torch).
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
+import ml_collections
 import numpy as np
 import pytest
+import scipy.linalg
+from PIL import Image
 
 from visgen_jax.bench import oracles
 from visgen_jax.convert import inception as inception_convert
 from visgen_jax.errors import UserError
+from visgen_jax.fid import features, inputs, metrics
 from visgen_jax.models.inception import InceptionV3
+from visgen_jax.train import config as config_lib
+from visgen_jax.train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -60,3 +74,293 @@ def test_converter_names_every_key_it_cannot_map(oracle):
   with pytest.raises(UserError, match=r'^w.pt is not the FID Inception \(it has no '
                      r'Mixed_6d.branch1x1.conv.weight\); give pytorch-fid'):
     inception_convert.convert_inception_state_dict({'conv.weight': np.zeros(3)}, 'w.pt')
+
+
+# --- the metrics against the formulas ---------------------------------------------------------
+
+
+def _closed_form_fid(mu1, sigma1, mu2, sigma2):
+  """‖Δμ‖² + tr Σ₁ + tr Σ₂ − 2 Σ √λ(Σ₁^½ Σ₂ Σ₁^½), from symmetric eigendecompositions."""
+  values, vectors = np.linalg.eigh(sigma1)
+  root = vectors @ np.diag(np.sqrt(values)) @ vectors.T
+  middle = np.linalg.eigvalsh(root @ sigma2 @ root)
+  return ((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(
+      np.clip(middle, 0, None)).sum()
+
+
+def test_gaussians_match_the_closed_form():
+  rng = np.random.default_rng(0)
+  dim = 6
+  mu1, mu2 = rng.normal(size=dim), rng.normal(size=dim)
+  a, b = rng.normal(size=(dim, dim)), rng.normal(size=(dim, dim))
+  sigma1, sigma2 = a @ a.T + 0.1 * np.eye(dim), b @ b.T + 0.1 * np.eye(dim)
+  fid = metrics.frechet_distance(metrics.Statistics(mu1, sigma1), metrics.Statistics(mu2, sigma2))
+  assert fid == pytest.approx(_closed_form_fid(mu1, sigma1, mu2, sigma2), rel=1e-10)
+  # Diagonal covariances: ‖Δμ‖² + Σ (√σ₁ − √σ₂)².
+  d1, d2 = rng.uniform(0.5, 2, dim), rng.uniform(0.5, 2, dim)
+  fid = metrics.frechet_distance(metrics.Statistics(mu1, np.diag(d1)),
+                                 metrics.Statistics(mu2, np.diag(d2)))
+  assert fid == pytest.approx(((mu1 - mu2) ** 2).sum() + ((np.sqrt(d1) - np.sqrt(d2)) ** 2).sum(),
+                              rel=1e-10)
+  # Features drawn from the Gaussians: the fitted statistics approach the closed form.
+  x1 = rng.multivariate_normal(mu1, sigma1, 200_000)
+  x2 = rng.multivariate_normal(mu2, sigma2, 200_000)
+  fid = metrics.frechet_distance(metrics.Statistics.of(x1), metrics.Statistics.of(x2))
+  assert fid == pytest.approx(_closed_form_fid(mu1, sigma1, mu2, sigma2), rel=2e-2)
+
+
+@pytest.mark.parametrize('count, dim', [(50, 16), (8, 2048)])
+def test_fid_of_a_set_with_itself_is_zero(count, dim):
+  x = np.random.default_rng(1).normal(2, 3, size=(count, dim))
+  stats = metrics.Statistics.of(x)
+  assert abs(metrics.frechet_distance(stats, stats)) < 1e-6
+
+
+def test_a_singular_covariance_gives_the_full_square_roots_value():
+  """Fewer images than dimensions: the range projection equals sqrtm on the full matrices."""
+  rng = np.random.default_rng(2)
+  few = metrics.Statistics.of(rng.normal(size=(10, 32)))
+  assert few.basis.shape == (32, 9)
+  many = metrics.Statistics.of(rng.normal(1, 2, size=(500, 32)))
+  full = (((few.mu - many.mu) ** 2).sum() + np.trace(few.sigma) + np.trace(many.sigma)
+          - 2 * np.trace(scipy.linalg.sqrtm(few.sigma @ many.sigma)).real)
+  assert metrics.frechet_distance(few, many) == pytest.approx(full, rel=1e-6)
+  assert metrics.frechet_distance(many, few) == pytest.approx(full, rel=1e-6)
+
+
+def test_a_square_root_that_is_not_finite_is_retried_with_1e_6_on_the_diagonals(monkeypatch):
+  rng = np.random.default_rng(3)
+  a, b = (metrics.Statistics.of(rng.normal(size=(40, 5))) for _ in range(2))
+  calls, sqrtm = [], scipy.linalg.sqrtm
+
+  def first_not_finite(matrix):
+    calls.append(matrix)
+    return np.full_like(matrix, np.nan) if len(calls) == 1 else sqrtm(matrix)
+
+  monkeypatch.setattr(metrics.scipy.linalg, 'sqrtm', first_not_finite)
+  fid = metrics.frechet_distance(a, b)
+  offset = 1e-6 * np.eye(5)
+  np.testing.assert_array_equal(calls[1], (a.sigma + offset) @ (b.sigma + offset))
+  assert np.isfinite(fid)
+
+
+def test_statistics_that_are_not_covariances_are_refused():
+  stats = metrics.Statistics(np.zeros(2), np.diag([1.0, -1.0]))
+  with pytest.raises(UserError, match=r'^the square root of the covariance product has an '
+                     r'imaginary part of 1 \(more than 1e-3\)'):
+    metrics.frechet_distance(stats, metrics.Statistics(np.zeros(2), np.eye(2)))
+
+
+def test_inception_score_matches_the_adm_evaluators_formula():
+  logits = np.random.default_rng(4).normal(0, 3, size=(12_000, 1008))
+  probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+  scores = []
+  for part in np.split(probabilities, [5000, 10_000]):  # splits of 5000, the last one short
+    kl = part * (np.log(part) - np.log(part.mean(axis=0, keepdims=True)))
+    scores.append(np.exp(kl.sum(axis=1).mean()))
+  assert metrics.inception_score(logits) == pytest.approx(np.mean(scores), rel=1e-9)
+
+
+def _mmd2_unbiased(x, y):
+  """Mean kernel over distinct pairs within each set, minus twice the mean across the sets."""
+  kernel = lambda u, v: (u @ v / len(u) + 1) ** 3
+  m = len(x)
+  within = sum(kernel(s[i], s[j]) for s in (x, y) for i in range(m) for j in range(m) if i != j)
+  across = sum(kernel(x[i], y[j]) for i in range(m) for j in range(m))
+  return within / (m * (m - 1)) - 2 * across / (m * m)
+
+
+@pytest.mark.parametrize('subset_size', [1000, 12])
+def test_kid_matches_torch_fidelitys_subsets_and_estimate(subset_size):
+  rng = np.random.default_rng(5)
+  samples, reference = rng.normal(size=(30, 8)), rng.normal(0.5, 1, size=(25, 8))
+  draw = np.random.RandomState(2020)
+  size = min(subset_size, 25)
+  mmds = [_mmd2_unbiased(samples[draw.choice(30, size, replace=False)],
+                         reference[draw.choice(25, size, replace=False)]) for _ in range(4)]
+  mean, std = metrics.kernel_inception_distance(samples, reference, subsets=4,
+                                                subset_size=subset_size)
+  assert (mean, std) == pytest.approx((np.mean(mmds), np.std(mmds)), rel=1e-9)
+
+
+def test_precision_and_recall_match_the_k_nearest_neighbour_balls(monkeypatch):
+  monkeypatch.setattr(metrics, '_ROW_BLOCK', 7)  # several blocks of rows
+  rng = np.random.default_rng(6)
+  samples, reference = rng.normal(size=(40, 8)), rng.normal(0.8, 1, size=(50, 8))
+  squared = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1)
+
+  def inside(points, centres):
+    radii = np.sort(squared(centres, centres), axis=1)[:, 3]  # column 0: the centre itself
+    return (squared(points, centres) <= radii[None]).any(axis=1).mean()
+
+  precision, recall = metrics.precision_recall(samples, reference)
+  assert (precision, recall) == (inside(samples, reference), inside(reference, samples))
+  assert 0 < precision < 1 and 0 < recall < 1
+
+
+# --- extraction, the command and the evaluator (random Inception weights) ----------------------
+
+SIZE = 32  # every image here: one compiled Inception program (batch 4), cached across processes
+BATCH = 4
+
+
+def _random_images(seed, count):
+  return np.random.default_rng(seed).integers(0, 256, (count, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope='module')
+def files(oracle, tmp_path_factory):
+  """weights.pth (the oracle's weights), converted/ (by the convert command), samples/ (5 PNGs),
+  reference.npz (a batch of 6) and reference_stats.npz (its statistics)."""
+  import torch
+  root = tmp_path_factory.mktemp('fid')
+  paths = {name: str(root / name) for name in ('weights.pth', 'converted', 'samples',
+                                               'reference.npz', 'reference_stats.npz')}
+  torch.save({k: torch.from_numpy(v) for k, v in oracle[1].items()}, paths['weights.pth'])
+  os.makedirs(paths['samples'])
+  for i, image in enumerate(_random_images(0, 5)):
+    Image.fromarray(image).save(os.path.join(paths['samples'], f'{i:05d}.png'))
+  Image.new('RGB', (70, 70)).save(os.path.join(paths['samples'], 'grid.png'))  # left out
+  np.savez(paths['reference.npz'], arr_0=_random_images(1, 6))
+  result = subprocess.run([sys.executable, '-m', 'visgen_jax.convert', '--kind=inception',
+                           f'--input={paths["weights.pth"]}', f'--output={paths["converted"]}'],
+                          cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  extractor = features.FeatureExtractor(inception_convert.load_inception(paths['converted']), BATCH)
+  reference = features.measure(inputs.open_input(paths['reference.npz'], 'ref'), extractor, 'ref')
+  inputs.save_statistics(paths['reference_stats.npz'], reference)
+  return paths, extractor
+
+
+def test_extraction_keeps_every_image_and_drops_the_padding(files):
+  paths, extractor = files
+  images = inputs.open_input(paths['samples'], 'SAMPLES').images
+  assert images.count == 5  # grid.png left out
+  got = features.extract_all(images, extractor, 'samples')  # batches of 4 and 1 (+3 padding)
+  whole = jax.jit(InceptionV3().apply)(
+      {'params': inception_convert.load_inception(paths['weights.pth'])},
+      _random_images(0, 5).astype(np.float32) / 255)
+  for name in ('pool', 'spatial', 'logits_unbiased'):
+    assert got[name].shape[0] == 5
+    np.testing.assert_allclose(got[name], whole[name], rtol=0, atol=1e-5, err_msg=name)
+
+
+def _fid_command(*args):
+  result = subprocess.run([sys.executable, '-m', 'visgen_jax.fid', *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  return result
+
+
+def test_command_compares_folders_batches_and_statistics(files, tmp_path):
+  paths, extractor = files
+  saved = str(tmp_path / 'stats.npz')
+  result = _fid_command(paths['samples'], paths['reference.npz'], f'--inception={paths["weights.pth"]}',
+                        f'--save-stats={saved}', f'--batch_size={BATCH}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  first = json.loads(result.stdout.strip().splitlines()[-1])
+  samples = features.measure(inputs.open_input(paths['samples'], 's'), extractor, 's')
+  reference = features.measure(inputs.open_input(paths['reference.npz'], 'r'), extractor, 'r')
+  expected, _ = metrics.compare(samples, reference)
+  assert set(expected) == {'fid', 'sfid', 'inception_score', 'kid', 'kid_std', 'precision', 'recall'}
+  assert {k: first[k] for k in expected} == pytest.approx(expected, rel=1e-6, abs=1e-9)
+  assert (first['num_samples'], first['num_reference'], first['not_computed']) == (5, 6, {})
+  with np.load(saved) as stats:
+    assert {k: stats[k].shape for k in stats.files} == {
+        'mu': (2048,), 'sigma': (2048, 2048), 'mu_s': (2023,), 'sigma_s': (2023, 2023)}
+  # The samples as an .npz batch against the saved statistics, with the converted weights.
+  batch = str(tmp_path / 'samples.npz')
+  np.savez(batch, arr_0=_random_images(0, 5))
+  result = _fid_command(batch, saved, f'--inception={paths["converted"]}', f'--batch_size={BATCH}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  second = json.loads(result.stdout.strip().splitlines()[-1])
+  assert {k: second[k] for k in ('fid', 'sfid', 'inception_score')} == pytest.approx(
+      {k: first[k] for k in ('fid', 'sfid', 'inception_score')}, rel=1e-6)
+  assert second['num_reference'] is None
+  assert set(second['not_computed']) == {'kid', 'precision', 'recall'}
+
+
+def test_a_weights_file_that_is_not_the_fid_inception_exits_2_with_one_sentence(files, tmp_path):
+  import torch
+  paths, _ = files
+  weights = str(tmp_path / 'resnet.pth')
+  torch.save({'conv1.weight': torch.zeros(64, 3, 7, 7), 'fc.weight': torch.zeros(1000, 512)},
+             weights)
+  result = _fid_command(paths['samples'], paths['reference.npz'], f'--inception={weights}')
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert lines[0] == (f"error: --inception='{weights}' is not the FID Inception (it has no "
+                      'Mixed_6d.branch1x1.conv.weight); give pytorch-fid\'s '
+                      'pt_inception-2015-12-05-6726825d.pth.')
+
+
+def test_bad_inputs_are_one_sentence(tmp_path):
+  one, mixed = tmp_path / 'one', tmp_path / 'mixed'
+  for directory, sizes in ((one, [(8, 8)]), (mixed, [(8, 8), (8, 9)])):
+    directory.mkdir()
+    for i, size in enumerate(sizes):
+      Image.new('RGB', size).save(directory / f'{i}.png')
+  with pytest.raises(UserError, match=r"^SAMPLES='.*one' holds 1 image; FID needs at least 2\.$"):
+    inputs.open_input(str(one), 'SAMPLES')
+  with pytest.raises(UserError, match=r"^SAMPLES='.*mixed' mixes image sizes: 0.png is 8x8 but "
+                     r'1.png is 8x9; resize the images to one size first\.$'):
+    inputs.open_input(str(mixed), 'SAMPLES')
+  stats = str(tmp_path / 'stats.npz')
+  np.savez(stats, mu=np.zeros(10), sigma=np.eye(10))
+  with pytest.raises(UserError, match=r"^REFERENCE='.*stats.npz' has mu of shape \(10,\) and sigma "
+                     r"of shape \(10, 10\); the FID Inception's need \(2048,\) and \(2048, 2048\)\.$"):
+    inputs.open_input(stats, 'REFERENCE')
+  np.savez(stats, arr_0=np.zeros((3, 8, 8, 3), np.float32))
+  with pytest.raises(UserError, match=r'has arr_0 of dtype float32 and shape \(3, 8, 8, 3\); '
+                     r'images must be uint8'):
+    inputs.open_input(stats, 'REFERENCE')
+  with pytest.raises(UserError, match=r'is neither an image folder, a dataset directory nor an '
+                     r'\.npz file\.$'):
+    inputs.open_input(str(tmp_path / 'nothing.png'), 'REFERENCE')
+
+
+ADM = 'configs/adm_ffhq256.py:tiny'
+
+
+def _fid_evals(paths, **change):
+  common = dict(type='fid', num_samples=6, batch_size=BATCH, inception=paths['converted'])
+  return ml_collections.ConfigDict({
+      'fid': {**common, 'reference': paths['reference.npz'], **change},
+      'fid_stats': dict(common, reference=paths['reference_stats.npz'])})
+
+
+def test_evaluator_on_adm_samples_during_training(files, tmp_path):
+  paths, _ = files
+  config = config_lib.load_config(ADM, ['total_steps=1', 'eval_every=1', 'sample_every=0'])
+  config.unlock()
+  config.evals = _fid_evals(paths)
+  assert config.sample.num == 4 and config.data.resolution == SIZE  # 6 samples: 2 calls
+  trainer.train(config, str(tmp_path))
+  with open(tmp_path / 'metrics.jsonl') as f:
+    results = [json.loads(line) for line in f if '"fid/fid"' in line][0]
+  metric = lambda name: results[f'fid/{name}']
+  assert {k.split('/', 1)[1] for k in results if k.startswith('fid/')} == {
+      'fid', 'sfid', 'inception_score', 'kid', 'kid_std', 'precision', 'recall'}
+  assert metric('fid') > 0 and metric('sfid') > 0 and 0 <= metric('precision') <= 1
+  # The same samples (keys of config.seed, the step and the call) against the statistics alone.
+  for name in ('fid', 'sfid', 'inception_score'):
+    assert results[f'fid_stats/{name}'] == pytest.approx(metric(name), rel=1e-9)
+  assert not {'fid_stats/kid', 'fid_stats/precision', 'fid_stats/recall'} & set(results)
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(num_samples=1), r'config.evals.fid.num_samples=1 is not allowed: use an integer of at '
+                          r'least 2\.'),
+    (dict(inception=''), r"config.evals.fid.inception is not set; give the path of pytorch-fid's "),
+    (dict(reference='/nonexistent.npz'), r"config.evals.fid.reference='/nonexistent.npz' is "
+                                         r'neither an image folder'),
+])
+def test_evaluator_settings_are_checked_when_built(files, change, message):
+  from visgen_jax import eval as eval_lib
+  from visgen_jax.systems import get_system
+  config = config_lib.load_config(ADM)
+  config.unlock()
+  config.evals = _fid_evals(files[0], **change)
+  with pytest.raises(UserError, match=message):
+    eval_lib.build_evaluators(config, get_system(config))

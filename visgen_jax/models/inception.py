@@ -47,6 +47,9 @@ NUM_CLASSES = 1008
 POOL_DIM = 2048
 SPATIAL_CHANNELS = 7  # the ADM evaluator keeps the first 7 channels of mixed_6/conv
 SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
+# The outputs: name → width.
+OUTPUT_DIMS = {'pool': POOL_DIM, 'logits': NUM_CLASSES, 'logits_unbiased': NUM_CLASSES,
+               'spatial': SPATIAL_DIM}
 BN_EPS = 1e-3
 
 
