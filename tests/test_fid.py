@@ -211,7 +211,8 @@ def _random_images(seed, count):
 @pytest.fixture(scope='module')
 def files(oracle, tmp_path_factory):
   """weights.pth (the oracle's weights), converted/ (by the convert command), samples/ (5 PNGs),
-  reference.npz (a batch of 6) and reference_stats.npz (its statistics)."""
+  reference.npz (a batch of 6) and reference_stats.npz (its statistics); an extractor of batch 4
+  and the reference measured with it."""
   import torch
   root = tmp_path_factory.mktemp('fid')
   paths = {name: str(root / name) for name in ('weights.pth', 'converted', 'samples',
@@ -229,20 +230,20 @@ def files(oracle, tmp_path_factory):
   extractor = features.FeatureExtractor(inception_convert.load_inception(paths['converted']), BATCH)
   reference = features.measure(inputs.open_input(paths['reference.npz'], 'ref'), extractor, 'ref')
   inputs.save_statistics(paths['reference_stats.npz'], reference)
-  return paths, extractor
+  return paths, extractor, reference
 
 
 def test_extraction_keeps_every_image_and_drops_the_padding(files):
-  paths, extractor = files
+  paths, extractor, _ = files
   images = inputs.open_input(paths['samples'], 'SAMPLES').images
   assert images.count == 5  # grid.png left out
-  got = features.extract_all(images, extractor, 'samples')  # batches of 4 and 1 (+3 padding)
-  whole = jax.jit(InceptionV3().apply)(
-      {'params': inception_convert.load_inception(paths['weights.pth'])},
-      _random_images(0, 5).astype(np.float32) / 255)
+  got = features.extract_all(images, extractor, 'samples')  # batches of 4 and of 1 + 3 padding
+  # Image 4 in a full batch among other images: the same outputs.
+  alone = extractor([_random_images(0, 5)[[4, 0, 1, 2]]], 4, 'check')
   for name in ('pool', 'spatial', 'logits_unbiased'):
     assert got[name].shape[0] == 5
-    np.testing.assert_allclose(got[name], whole[name], rtol=0, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got[name][4], alone[name][0], rtol=0, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got[name][:3], alone[name][1:], rtol=0, atol=1e-5, err_msg=name)
 
 
 def _fid_command(*args):
@@ -252,37 +253,34 @@ def _fid_command(*args):
   return result
 
 
-def test_command_compares_folders_batches_and_statistics(files, tmp_path):
-  paths, extractor = files
+def test_command_compares_a_folder_with_a_batch_and_saves_statistics(files, tmp_path):
+  paths, extractor, reference = files
   saved = str(tmp_path / 'stats.npz')
   result = _fid_command(paths['samples'], paths['reference.npz'], f'--inception={paths["weights.pth"]}',
                         f'--save-stats={saved}', f'--batch_size={BATCH}')
   assert result.returncode == 0, result.stderr[-3000:]
-  first = json.loads(result.stdout.strip().splitlines()[-1])
+  printed = json.loads(result.stdout.strip().splitlines()[-1])
   samples = features.measure(inputs.open_input(paths['samples'], 's'), extractor, 's')
-  reference = features.measure(inputs.open_input(paths['reference.npz'], 'r'), extractor, 'r')
   expected, _ = metrics.compare(samples, reference)
   assert set(expected) == {'fid', 'sfid', 'inception_score', 'kid', 'kid_std', 'precision', 'recall'}
-  assert {k: first[k] for k in expected} == pytest.approx(expected, rel=1e-6, abs=1e-9)
-  assert (first['num_samples'], first['num_reference'], first['not_computed']) == (5, 6, {})
+  assert {k: printed[k] for k in expected} == pytest.approx(expected, rel=1e-6, abs=1e-9)
+  assert (printed['num_samples'], printed['num_reference'], printed['not_computed']) == (5, 6, {})
+  # The saved statistics as a reference: the same FID and sFID; KID and precision/recall need
+  # the reference images.
   with np.load(saved) as stats:
     assert {k: stats[k].shape for k in stats.files} == {
         'mu': (2048,), 'sigma': (2048, 2048), 'mu_s': (2023,), 'sigma_s': (2023, 2023)}
-  # The samples as an .npz batch against the saved statistics, with the converted weights.
-  batch = str(tmp_path / 'samples.npz')
-  np.savez(batch, arr_0=_random_images(0, 5))
-  result = _fid_command(batch, saved, f'--inception={paths["converted"]}', f'--batch_size={BATCH}')
-  assert result.returncode == 0, result.stderr[-3000:]
-  second = json.loads(result.stdout.strip().splitlines()[-1])
-  assert {k: second[k] for k in ('fid', 'sfid', 'inception_score')} == pytest.approx(
-      {k: first[k] for k in ('fid', 'sfid', 'inception_score')}, rel=1e-6)
-  assert second['num_reference'] is None
-  assert set(second['not_computed']) == {'kid', 'precision', 'recall'}
+  statistics = inputs.open_input(saved, 'REFERENCE')
+  assert statistics.images is None
+  values, skipped = metrics.compare(samples, features.measure(statistics, extractor, 'r'))
+  assert values == pytest.approx({k: printed[k] for k in ('fid', 'sfid', 'inception_score')},
+                                 rel=1e-9)
+  assert set(skipped) == {'kid', 'precision', 'recall'}
 
 
 def test_a_weights_file_that_is_not_the_fid_inception_exits_2_with_one_sentence(files, tmp_path):
   import torch
-  paths, _ = files
+  paths = files[0]
   weights = str(tmp_path / 'resnet.pth')
   torch.save({'conv1.weight': torch.zeros(64, 3, 7, 7), 'fc.weight': torch.zeros(1000, 512)},
              weights)
@@ -331,7 +329,7 @@ def _fid_evals(paths, **change):
 
 
 def test_evaluator_on_adm_samples_during_training(files, tmp_path):
-  paths, _ = files
+  paths = files[0]
   config = config_lib.load_config(ADM, ['total_steps=1', 'eval_every=1', 'sample_every=0'])
   config.unlock()
   config.evals = _fid_evals(paths)

@@ -41,6 +41,7 @@ pass fewer over the activations. Parameters are float32, running statistics incl
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
@@ -69,10 +70,19 @@ class ConvBN(nn.Module):
     mean = self.param('mean', nn.initializers.zeros, (self.features,))
     var = self.param('var', nn.initializers.ones, (self.features,))
     factor = scale * jax.lax.rsqrt(var + BN_EPS)
-    ph, pw = self.padding
-    y = jax.lax.conv_general_dilated(x, kernel * factor, (self.strides, self.strides),
-                                     ((ph, ph), (pw, pw)),
-                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    kernel = kernel * factor
+    if self.kernel_size == (1, 1) and self.strides == 1:
+      y = x @ kernel[0, 0]  # XLA:CPU runs a matmul ~2x faster than the same 1x1 convolution
+    else:
+      # XLA:CPU runs a convolution without any padding ~3x slower than a padded one: one more
+      # column on the right, which no kept output reads, when there is none.
+      ph, pw = self.padding
+      extra = int(self.padding == (0, 0))
+      y = jax.lax.conv_general_dilated(x, kernel, (self.strides, self.strides),
+                                       ((ph, ph), (pw, pw + extra)),
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      width = (x.shape[2] + 2 * pw - self.kernel_size[1]) // self.strides + 1
+      y = y[:, :, :width]
     return nn.relu(y + (bias - mean * factor))
 
 
@@ -173,11 +183,27 @@ class InceptionE(nn.Module):
     return jnp.concatenate([branch1x1, branch3x3, dbl, branch_pool], axis=-1)
 
 
+def _linear_taps(size_in: int, size_out: int):
+  """PyTorch's bilinear taps along one axis (align_corners=False, no antialiasing): source
+  positions (i + 0.5) · in/out − 0.5 clamped at 0, in float32 as PyTorch computes them, as
+  (lower index, upper index, upper weight)."""
+  f32 = np.float32
+  scale = f32(size_in) / f32(size_out)
+  position = np.maximum((np.arange(size_out, dtype=f32) + f32(0.5)) * scale - f32(0.5), f32(0))
+  lower = np.minimum(np.floor(position).astype(np.int32), size_in - 1)
+  upper = np.minimum(lower + 1, size_in - 1)
+  return lower, upper, (position - lower).astype(f32)
+
+
 def resize_to_input(images):
-  """[N, H, W, C] → [N, 299, 299, C], bilinear like PyTorch's F.interpolate(mode='bilinear',
-  align_corners=False): half-pixel centres, two taps, no antialiasing when shrinking."""
-  n, _, _, c = images.shape
-  return jax.image.resize(images, (n, INPUT_SIZE, INPUT_SIZE, c), 'bilinear', antialias=False)
+  """[N, H, W, C] → [N, 299, 299, C], bilinear as PyTorch's F.interpolate(mode='bilinear',
+  align_corners=False): two taps per axis, no antialiasing when shrinking."""
+  for axis in (1, 2):
+    lower, upper, weight = _linear_taps(images.shape[axis], INPUT_SIZE)
+    weight = weight.reshape([-1 if a == axis else 1 for a in range(4)])
+    images = (jnp.take(images, lower, axis=axis) * (1 - weight)
+              + jnp.take(images, upper, axis=axis) * weight)
+  return images
 
 
 class InceptionV3(nn.Module):
