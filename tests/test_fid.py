@@ -362,3 +362,15 @@ def test_evaluator_settings_are_checked_when_built(files, change, message):
   config.evals = _fid_evals(files[0], **change)
   with pytest.raises(UserError, match=message):
     eval_lib.build_evaluators(config, get_system(config))
+
+
+def test_a_dataset_is_read_as_the_evaluation_reads_it():
+  from visgen_jax.data import sample_set
+  from visgen_jax.eval import fid as fid_eval
+  config = config_lib.load_config(ADM)  # the built-in faces at 32², centre crops
+  default = fid_eval._reference(config, '', 'config.evals.fid.reference').images
+  directory = inputs.open_input(sample_set.sample_dataset_dir('sample_faces', (SIZE, SIZE)),
+                                'REFERENCE').images
+  assert default.count == directory.count > 2
+  np.testing.assert_array_equal(default.read(3, 6), directory.read(3, 6))
+  assert directory.read(3, 6).shape == (3, SIZE, SIZE, 3)

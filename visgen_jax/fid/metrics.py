@@ -219,7 +219,10 @@ def compare(samples: Measured, reference: Measured) -> tuple[dict, dict]:
     skipped['kid'] = skipped['precision'] = skipped['recall'] = 'needs images on both sides'
     return values, skipped
   pool, reference_pool = samples.features['pool'], reference.features['pool']
-  values['kid'], values['kid_std'] = kernel_inception_distance(pool, reference_pool)
+  if min(len(pool), len(reference_pool)) >= 2:
+    values['kid'], values['kid_std'] = kernel_inception_distance(pool, reference_pool)
+  else:
+    skipped['kid'] = 'needs at least 2 images on each side'
   if min(len(pool), len(reference_pool)) > NEIGHBOURS:
     values['precision'], values['recall'] = precision_recall(pool, reference_pool)
   else:
