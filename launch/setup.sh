@@ -21,5 +21,8 @@ if [ "${1:-}" = "--tests" ]; then
   # open_clip (CLIP parity oracle) depends on torchvision and timm, whose registry builds pull a CUDA
   # torch: take them without dependencies (tests/helpers.py makes torchvision import beside CPU torch).
   pip_install --no-deps torchvision==0.29.1
+  # pytorch-fid (FID Inception parity oracle): with its dependencies, pip would replace the CPU torch
+  # by a CUDA build to satisfy this torchvision; what it needs (numpy, pillow, scipy) is here already.
+  pip_install --no-deps pytorch-fid==0.3.0
 fi
 export PATH="$venv/bin:$PATH"

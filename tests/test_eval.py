@@ -62,7 +62,7 @@ def test_evaluators_are_built_from_config_evals_and_prefix_their_results():
 
 
 @pytest.mark.parametrize('change, system, message', [
-    (dict(type='fid'), FAKE_SYSTEM, r"config.evals.seg.type='fid' is not an evaluator type; allowed: .*segmentation"),
+    (dict(type='fidd'), FAKE_SYSTEM, r"config.evals.seg.type='fidd' is not an evaluator type; allowed: fid, segmentation"),
     (dict(max_image=3), FAKE_SYSTEM, r'config.evals.seg.max_image is not a setting .*max_images'),
     (dict(max_images=-1), FAKE_SYSTEM, r'config.evals.seg.max_images=-1 is not allowed'),
     (dict(path='/nonexistent/coco'), FAKE_SYSTEM, r"config.evals.seg.path='/nonexistent/coco' is not a segmentation dataset"),

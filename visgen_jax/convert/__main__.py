@@ -20,6 +20,12 @@ or OpenAI's TorchScript archive) into `CLIP` params {'visual', 'text',
 (heads = width // 64); the activation is not stored in weights, so --act is needed
 unless the file is one of OpenAI's archives (QuickGELU). The config used is
 printed as JSON; build the model with `visgen_jax.models.clip.clip_model(config)`.
+
+  python -m visgen_jax.convert --kind=inception --input=pt_inception-2015-12-05-6726825d.pth --output=DIR
+
+--kind=inception reads pytorch-fid's FID Inception weights into
+`visgen_jax.models.inception.InceptionV3` params; DIR then serves as --inception of
+`python -m visgen_jax.fid` and the fid evaluator on machines without torch.
 """
 
 import json
@@ -30,7 +36,7 @@ from absl import flags
 from visgen_jax import cli
 from visgen_jax.errors import UserError, for_setting
 
-KINDS = ('guided_diffusion', 'clip')
+KINDS = ('guided_diffusion', 'clip', 'inception')
 
 flags.DEFINE_enum('kind', 'guided_diffusion', KINDS, 'Checkpoint format of --input.')
 flags.DEFINE_string('input', None, 'PyTorch state dict file (.pt) to convert.')
@@ -91,6 +97,14 @@ def run(argv):
 
   clip_only = [f'--{name}' for name in ('preset', 'act') if FLAGS[name].value is not None]
   other_only = [f'--{name}' for name in ('config', 'image_size') if FLAGS[name].value is not None]
+  if FLAGS.kind == 'inception':
+    if clip_only or other_only or _overrides:
+      raise UserError(f'{", ".join(clip_only + other_only) or "--config.*"} do not apply to '
+                      '--kind=inception, which reads only --input.')
+    from visgen_jax.convert import inception
+    _save(output, inception.load_inception(FLAGS.input, '--input'))
+    print(json.dumps({'output': output, 'model': 'InceptionV3'}))
+    return
   if FLAGS.kind == 'clip':
     if other_only or _overrides:
       raise UserError(f'{", ".join(other_only) or "--config.*"} do not apply to --kind=clip; '
