@@ -73,6 +73,12 @@ def test_fine_tuning_from_a_workdir_with_a_frozen_subtree(first, tmp_path):
   # The run describes itself.
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['frozen'] == [FROZEN]
+  # A run with frozen parameters is a source too: its EMA where kept, its raw weights elsewhere.
+  config = small()
+  again = weights.initial_weights((workdir,), config, trainer.setup(config).abstract_state['params'])
+  assert again.keys() == params.keys()
+  for name, value in again.items():
+    np.testing.assert_array_equal(value, params[name] if name in frozen_names else ema[name], err_msg=name)
 
 
 def test_init_from_selected_renamed_and_checked(first, tmp_path):

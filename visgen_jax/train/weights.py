@@ -49,10 +49,14 @@ def only(tree, mask, keep: bool = True):
   return jax.tree.map(lambda x, m: x if m == keep else optax.MaskedNode(), tree, mask)
 
 
+def _absent(x) -> bool:
+  # A checkpoint read without an abstract tree gives None where MaskedNode was saved.
+  return x is None or isinstance(x, optax.MaskedNode)
+
+
 def merge(partial, full):
-  """`partial` (MaskedNode where absent) completed from `full`."""
-  return jax.tree.map(lambda p, f: f if isinstance(p, optax.MaskedNode) else p, partial, full,
-                      is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  """`partial` (MaskedNode, or None as read back from a checkpoint, where absent) completed from `full`."""
+  return jax.tree.map(lambda p, f: f if _absent(p) else p, partial, full, is_leaf=_absent)
 
 
 def check_frozen(frozen_patterns, params_shapes):
