@@ -46,7 +46,7 @@ def run(argv):
   if FLAGS.mode == 'train':
     trainer.train(config, workdir)
   else:
-    trainer.run_command(config, workdir, FLAGS.mode)
+    systems.run_command(config, workdir, FLAGS.mode, trainer.run_command)
 
 
 def main():

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 from visgen_jax.errors import UserError
 
-RECIPES = ('adm', 'patchdm', 'maskclip')
+RECIPES = ('adm', 'patchdm', 'maskclip', 'gen2res')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,3 +59,10 @@ def get_system(config) -> System:
   recipe = _recipe(config)
   recipe.validate(config)
   return recipe.make(config)
+
+
+def run_command(config, workdir: str, mode: str, default: Callable):
+  """--mode=MODE (not train) through the recipe's own run_command(config, workdir, mode) if it
+  has one (for commands that run before the workdir holds a checkpoint, e.g. Gen2Res's album),
+  else through `default` (the trainer's)."""
+  getattr(_recipe(config), 'run_command', default)(config, workdir, mode)

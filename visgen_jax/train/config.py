@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name='adamw',  # adamw | adam | sgd
       learning_rate=1e-4,
-      schedule='constant',  # constant | cosine
+      schedule='constant',  # constant | linear (to 0) | cosine
       warmup_steps=0,
       b1=0.9,
       b2=0.999,
@@ -193,7 +193,7 @@ def validate(config):
   need(config.keep_checkpoints > 0, 'keep_checkpoints', 'keep at least 1')
   need(config.compute_dtype in DTYPES, 'compute_dtype', f'one of {", ".join(DTYPES)}')
   need(config.optimizer.name in ('adamw', 'adam', 'sgd'), 'optimizer.name', 'adamw, adam or sgd')
-  need(config.optimizer.schedule in ('constant', 'cosine'), 'optimizer.schedule', 'constant or cosine')
+  need(config.optimizer.schedule in ('constant', 'linear', 'cosine'), 'optimizer.schedule', 'constant, linear or cosine')
   need(0.0 <= config.optimizer.ema_decay < 1.0, 'optimizer.ema_decay', 'a number in [0, 1)')
   need(set(config.mesh.keys()) == {'data', 'fsdp', 'model'}, 'mesh', 'exactly the axes data, fsdp, model')
 

@@ -42,9 +42,10 @@ def _say(message: str):
 
 
 def make_optimizer(opt, total_steps: int):
-  """optax chain: clip -> adam(w)/sgd with warm-up and constant or cosine decay."""
+  """optax chain: clip -> adam(w)/sgd with warm-up and constant, linear (to 0) or cosine decay."""
   decay_steps = max(total_steps - opt.warmup_steps, 1)
   after = (optax.constant_schedule(opt.learning_rate) if opt.schedule == 'constant'
+           else optax.linear_schedule(opt.learning_rate, 0.0, decay_steps) if opt.schedule == 'linear'
            else optax.cosine_decay_schedule(opt.learning_rate, decay_steps))
   lr = (optax.join_schedules([optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps), after],
                              [opt.warmup_steps]) if opt.warmup_steps else after)
