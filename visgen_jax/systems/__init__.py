@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 from visgen_jax.errors import UserError
 
-RECIPES = ('adm', 'patchdm', 'maskclip')
+RECIPES = ('adm', 'patchdm', 'maskclip', 'diffusionrig')
 
 
 @dataclasses.dataclass(frozen=True)
