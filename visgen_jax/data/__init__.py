@@ -14,4 +14,5 @@ Importing the package registers the built-in sources.
 from visgen_jax.data import images  # registers its sources
 from visgen_jax.data import image_folder  # registers its source
 from visgen_jax.data import segmentation  # registers its sources
+from visgen_jax.data import rig_subjects  # registers its source
 from visgen_jax.data.registry import validate

@@ -13,14 +13,15 @@ from typing import Any, Callable, Optional
 
 from visgen_jax.errors import UserError
 
-RECIPES = ('adm', 'patchdm', 'maskclip', 'gen2res')
+RECIPES = ('adm', 'patchdm', 'maskclip', 'diffusionrig', 'gen2res')
 
 
 @dataclasses.dataclass(frozen=True)
 class System:
   # (key, batch) -> params. `batch` is the first global batch (for shapes).
   init: Callable[[Any, dict], Any]
-  # (params, batch, key) -> (scalar loss, dict of scalar metrics); training mode.
+  # (params, batch, key) -> (scalar loss, dict of scalar metrics); training mode. With
+  # state_keys: (loss, metrics, {key: the new values of params[key]}) for each state key.
   loss_fn: Callable[[Any, dict, Any], tuple]
   # (params, key) -> config.sample.num images [N, H, W, 3] in [-1, 1]; None if the system only trains.
   sample: Optional[Callable[[Any, Any], Any]] = None
@@ -41,6 +42,9 @@ class System:
   # proposals only, cropped to valid_hw. Used by the 'segmentation' evaluator (visgen_jax/eval);
   # None if the system does not segment.
   segmenter: Optional[Callable[[Any, Any], Callable[[dict], tuple]]] = None
+  # Top-level params keys that hold model state the forward pass updates (e.g.
+  # 'batch_stats'): not trained, no EMA; see visgen_jax/train/trainer.py.
+  state_keys: tuple = ()
 
 
 def _recipe(config):

@@ -7,6 +7,15 @@ uninterrupted run computes. Parameters that `config.frozen` matches get no
 gradient, optimizer moments or EMA copy (optax.MaskedNode in their place); a
 fresh run starts from `config.init_from` (visgen_jax.train.weights).
 
+Model state (e.g. BatchNorm statistics): the top-level params keys a system
+names in `System.state_keys` are not trained. They get no gradient, optimizer
+moments or EMA copy, like frozen parameters; the loss_fn returns their new
+values (third output) and the step stores them in params, unless config.frozen
+matches them, which keeps them bit-identical. So they live in the state's
+params, checkpoints and init_from sources like any parameter, and inference
+(EMA or raw) uses their latest values. The step is jitted on global arrays,
+so batch statistics are over the global batch also under data sharding.
+
 A loss or gradient norm that is not finite stops the run at the next log,
 checkpoint or sample point, before anything is saved: the last checkpoint
 written holds the last finite parameters.
@@ -67,7 +76,8 @@ class Setup:
   mesh: object
   tx: object
   lr: object
-  trainable: object  # a tree of bools like the params: False where config.frozen matches
+  trainable: object  # a tree of bools like the params: False where config.frozen matches or model state
+  unfrozen: object  # a tree of bools like the params: False where config.frozen matches
   abstract_state: dict
   state_shardings: dict
   root_key: object
@@ -86,11 +96,12 @@ def setup(config) -> Setup:
   example = pipeline.example_batch(config.data, config.batch_size)
   params = jax.eval_shape(system.init, root, example)
   weights.check_frozen(config.frozen, params)
-  trainable = weights.trainable_mask(params, config.frozen)
+  unfrozen = weights.trainable_mask(params, config.frozen)
+  trainable = dict(unfrozen, **{k: jax.tree.map(lambda _: False, unfrozen[k]) for k in system.state_keys})
   abstract = jax.eval_shape(lambda k, b: _init_state(system, tx, trainable, k, b), root, example)
   shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
   evaluators = build_evaluators(config, system)
-  return Setup(config, system, mesh, tx, lr, trainable, abstract, shardings, root, evaluators)
+  return Setup(config, system, mesh, tx, lr, trainable, unfrozen, abstract, shardings, root, evaluators)
 
 
 def _init_state(system, tx, trainable, key, batch):
@@ -117,18 +128,22 @@ def make_train_step(s: Setup):
       # bf16 compute: the cast is inside the differentiated function, so the
       # gradients (and the update) stay float32 on the master weights.
       params = weights.merge(train_params, state['params'])
-      return system.loss_fn(_cast(params, compute_dtype), batch, key)
+      value, aux, *updated = system.loss_fn(_cast(params, compute_dtype), batch, key)
+      return value, (aux, *updated)
 
     # Only the trainable parameters are differentiated: no weight gradients for frozen ones.
     train_params = weights.only(state['params'], s.trainable)
-    (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(train_params)
+    (value, (aux, *updated)), grads = jax.value_and_grad(loss, has_aux=True)(train_params)
     updates, opt_state = tx.update(grads, state['opt_state'], train_params)
     train_params = optax.apply_updates(train_params, updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state['ema_params'], train_params)
     grad_norm = optax.tree.norm(grads)
     metrics = {'loss': value, 'grad_norm': grad_norm, 'learning_rate': s.lr(state['step']), **aux}
-    new_state = {'step': state['step'] + 1, 'params': weights.merge(train_params, state['params']),
-                 'opt_state': opt_state, 'ema_params': ema}
+    params = weights.merge(train_params, state['params'])
+    if system.state_keys:  # new model state, except where config.frozen keeps the old
+      params.update({k: jax.tree.map(lambda new, old, keep_new: new.astype(old.dtype) if keep_new else old,
+                                     updated[0][k], params[k], s.unfrozen[k]) for k in system.state_keys})
+    new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state, 'ema_params': ema}
     return new_state, (metrics, jnp.stack([jnp.isfinite(value), jnp.isfinite(grad_norm)]))
 
   return jax.jit(step_fn, in_shardings=(s.state_shardings, sharding.batch_sharding(s.mesh)),

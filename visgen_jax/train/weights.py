@@ -109,7 +109,10 @@ def read_source(source, config) -> dict:
     state = checkpoint.restore_latest_state(os.path.join(path, 'checkpoints'))
     if state is None:
       raise UserError(f'{source["where"]}.path={path!r} is a workdir without a finished checkpoint.')
-    params = merge(state['ema_params'], state['params']) if source['use_ema'] else state['params']
+    params = flatten(state['params'])
+    if source['use_ema']:
+      # A restored EMA tree lacks the subtrees that had no copy (frozen, model state): merge by name.
+      params.update(flatten(state['ema_params']))
   elif os.path.isdir(path):
     params = checkpoint.restore_params_dir(path)
   else:

@@ -1,0 +1,95 @@
+"""DiffusionRig end to end: the synthetic subjects (exact buffers, flips), stage 1 → stage 2
+(encoder and statistics bit-identical) → edits through the CLI, and bad input."""
+
+import os
+
+import numpy as np
+import pytest
+
+from tests.helpers import run_main
+from tests.test_train import final_state
+from visgen_jax import image_io
+from visgen_jax.data import pipeline, rig_subjects
+from visgen_jax.errors import UserError
+from visgen_jax.models import sh_lighting
+from visgen_jax.systems import get_system
+from visgen_jax.train import config as config_lib, weights
+
+SMALL = ['--config.data.resolution=16', '--config.model.image_size=16']
+STAGE1 = ['--config=configs/diffusionrig_stage1.py:tiny', *SMALL, '--config.total_steps=2', '--config.ckpt_every=2']
+STAGE2 = ['--config=configs/diffusionrig_stage2.py:tiny', *SMALL]
+
+
+def album_config(*overrides):
+  return config_lib.load_config('configs/diffusionrig_stage2.py:tiny',
+                                ['data.resolution=16', 'model.image_size=16', *overrides])
+
+
+def test_subjects_have_exact_buffers_and_flips_negate_normal_x(private_cache):
+  config = album_config()
+  records = rig_subjects.records(config.data)
+  assert len(records) == rig_subjects.IMAGES_PER_SUBJECT
+  record = records[0]
+  inside = record['alpha'] > 0
+  np.testing.assert_allclose(np.linalg.norm(record['normal'][inside], axis=-1), 1, atol=1e-5)
+  np.testing.assert_allclose(record['rendered'], np.asarray(sh_lighting.shade(
+      record['normal'], record['albedo'], record['alpha'], record['light'])), atol=1e-5)
+
+  it = pipeline.make_train_iterator(config.data, local_batch_size=16, seed=0)
+  batch = next(it)
+  flipped = 0
+  for i, index in enumerate(batch['index']):
+    want = records.arrays
+    if np.array_equal(batch['image'][i], want['image'][index]):
+      np.testing.assert_array_equal(batch['normal'][i], want['normal'][index])
+      continue
+    flipped += 1
+    for key in ('image', 'rendered', 'albedo', 'alpha'):
+      np.testing.assert_array_equal(batch[key][i], want[key][index][:, ::-1], err_msg=key)
+    np.testing.assert_array_equal(batch['normal'][i], want['normal'][index][:, ::-1] * [-1, 1, 1])
+  assert 0 < flipped < 16
+
+
+def test_an_album_smaller_than_the_batch_is_refused(private_cache):
+  with pytest.raises(UserError, match=r'config.batch_size=32 is larger than the 16 images'):
+    get_system(album_config('batch_size=32', 'init_from=/somewhere'))
+
+
+def write_example(directory, name, record, light=True):
+  path = os.path.join(directory, f'{name}.png')
+  image_io.save_png(path, image_io.to_uint8(record['image'][None])[0])
+  np.savez(os.path.join(directory, f'{name}.npz'),
+           **{k: record[k] for k in ('normal', 'albedo', 'alpha', *(('light',) if light else ()))})
+  return path
+
+
+def test_stage1_stage2_and_edits_through_the_cli(tmp_path, private_cache):
+  env = {'VISGEN_CACHE': private_cache}
+  first, second = str(tmp_path / 'stage1'), str(tmp_path / 'stage2')
+  run_main(*STAGE1, f'--workdir={first}', env=env, check=True)
+  run_main(*STAGE2, f'--workdir={second}', f'--config.init_from={first}', env=env, check=True)
+  before, after = (weights.flatten(final_state(w)[1]['params']) for w in (first, second))
+  encoder = [n for n in before if n.startswith(('encoder/', 'batch_stats/'))]
+  assert any(n.startswith('batch_stats/') for n in encoder)
+  for name in encoder:
+    np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+  assert not np.array_equal(after['unet/out_conv/kernel'], before['unet/out_conv/kernel'])
+
+  records = rig_subjects.records(album_config(f'init_from={first}', 'data.subjects=all').data)
+  inputs = str(tmp_path / 'inputs')
+  os.makedirs(inputs)
+  face = write_example(inputs, 'face', records[1])
+  other = write_example(inputs, 'other', records[40], light=False)  # its light is estimated
+  np.save(os.path.join(inputs, 'bad_light.npy'), np.zeros((3, 9)))
+  edit = [*STAGE2, f'--workdir={second}', f'--config.init_from={first}', '--mode=edit', f'--config.edit.input={face}']
+  bad = run_main(*edit, f'--config.edit.light={inputs}/bad_light.npy', env=env)
+  assert bad.returncode == 2 and "bad_light.npy' holds an array of shape (3, 9)" in bad.stderr
+  assert not os.path.exists(os.path.join(second, 'edit'))
+
+  run_main(*edit, '--config.edit.rotate_degrees=30', f'--config.edit.code_from={other}',
+           f'--config.edit.buffers_from={other}', f'--config.edit.light_from={other}', env=env, check=True)
+  written = sorted(os.listdir(os.path.join(second, 'edit')))
+  assert written == ['face_buffer_swap.png', 'face_code_swap.png', 'face_grid.png', 'face_reconstruction.png',
+                     'face_relight_from.png', 'face_rotate30.png']
+  grid = image_io.read_rgb(os.path.join(second, 'edit', 'face_grid.png'), 'grid')
+  assert grid.shape == (3 * 18 - 2, 3 * 18 - 2, 3)  # input, 3 buffers, reconstruction, 4 edits: 3x3

@@ -1,0 +1,212 @@
+"""DiffusionRig: an ADM UNet denoising x_t concatenated with physical buffers (rendered,
+normals, albedo), conditioned on a global code from a ResNet-18 of the clean image;
+ε-MSE with P2 weighting, learn_sigma=False. --mode=edit relights, swaps codes or buffers.
+
+Params: {'unet', 'encoder', 'batch_stats': {'encoder'}}; the encoder's BatchNorm
+statistics are model state (System.state_keys). Stage 2 freezes the encoder with
+config.frozen = '^(encoder|batch_stats)/': then the encoder runs in eval mode (its
+running statistics normalise, and stay bit-identical), so an image's code in
+training is the code it gets at inference. (The public code keeps the encoder in
+training mode and its statistics moving although it is "frozen".)
+"""
+
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from visgen_jax import image_io
+from visgen_jax.data import pipeline, rig_subjects
+from visgen_jax.diffusion import losses, samplers, schedules
+from visgen_jax.errors import UserError, for_setting
+from visgen_jax.models import sh_lighting
+from visgen_jax.models.adm_unet import ADMUNet, adm_layout
+from visgen_jax.models.resnet import ResNet18
+from visgen_jax.systems import System
+
+IN_CHANNELS = 3 + 3 * len(rig_subjects.BUFFERS)
+ENCODER_STATS = 'batch_stats/encoder/bn1/mean'  # a path config.frozen matches when it freezes the statistics
+
+
+def edit_config() -> ml_collections.ConfigDict:
+  """config.edit of --mode=edit. Each input is an image with its buffers beside it (face.png +
+  face.npz: normal, albedo, alpha, optional rendered and light); edit sources are the same."""
+  return ml_collections.ConfigDict(dict(
+      input='',  # comma list of images to edit
+      light='',  # relight with the SH light [9, 3] of this .npy
+      light_from='',  # relight with the light of this image's buffers (estimated if its .npz has none)
+      rotate_degrees=(),  # relight with the input's light turned about the vertical axis
+      code_from='',  # the global code of this image
+      buffers_from='',  # this image's buffers
+  ))
+
+
+def validate(config):
+  res = config.data.resolution
+  if res != config.model.image_size:
+    raise UserError(f'config.data.resolution={res} differs from config.model.image_size={config.model.image_size}; '
+                    'set them equal.')
+  if config.model.in_channels != IN_CHANNELS:
+    raise UserError(f'config.model.in_channels={config.model.in_channels}; DiffusionRig denoises x_t with its '
+                    f'{len(rig_subjects.BUFFERS)} buffers: {IN_CHANNELS}.')
+  if config.diffusion.learn_sigma or config.model.out_channels != 3:
+    raise UserError(f'config.diffusion.learn_sigma={config.diffusion.learn_sigma}, config.model.out_channels='
+                    f'{config.model.out_channels}: DiffusionRig predicts ε only; set False and 3.')
+  if not config.model.code_dim:
+    raise UserError('config.model.code_dim=0; DiffusionRig needs the global code (64 in the paper).')
+  if _encoder_frozen(config) and not config.init_from:
+    raise UserError(f'config.frozen={tuple(config.frozen)} freezes the encoder but config.init_from is empty; '
+                    'give the stage-1 workdir to start from.')
+  with for_setting('config.model'):
+    adm_layout(ADMUNet(**config.model))
+  samplers.from_config(config, schedules.make_schedule(config.diffusion.noise_schedule,
+                                                       config.diffusion.num_timesteps))
+
+
+def _encoder_frozen(config) -> bool:
+  return any(re.search(p, ENCODER_STATS) for p in config.frozen)
+
+
+def _condition(batch):
+  return jnp.concatenate([batch[k] for k in rig_subjects.BUFFERS], axis=-1)
+
+
+def make(config) -> System:
+  _, info = pipeline.make_dataset_source(config.data)
+  if info.num_examples < config.batch_size:
+    raise UserError(f'config.batch_size={config.batch_size} is larger than the {info.num_examples} images of '
+                    f'config.data ({info.path}); a stage-2 album needs at least one batch of photos.')
+  unet = ADMUNet(**config.model, dtype=jnp.dtype(config.compute_dtype))
+  encoder = ResNet18(config.model.code_dim)
+  encoder_trains_stats = not _encoder_frozen(config)
+  base = schedules.make_schedule(config.diffusion.noise_schedule, config.diffusion.num_timesteps)
+  sample_schedule, sample_options = samplers.from_config(config, base)
+
+  def encode(params, image):
+    return encoder.apply({'params': params['encoder'], 'batch_stats': params['batch_stats']['encoder']}, image)
+
+  def init(key, batch):
+    unet_key, encoder_key = jax.random.split(key)
+    image = batch['image']
+    variables = encoder.init(encoder_key, image)
+    code = jnp.zeros((image.shape[0], config.model.code_dim))
+    x = jnp.concatenate([image, _condition(batch)], axis=-1)
+    return {'unet': unet.init(unet_key, x, jnp.zeros(x.shape[:1], jnp.int32), code=code)['params'],
+            'encoder': variables['params'], 'batch_stats': {'encoder': variables['batch_stats']}}
+
+  def loss_fn(params, batch, key):
+    noise_key, dropout_key = jax.random.split(key)
+    image, condition = batch['image'], _condition(batch)
+    stats = params['batch_stats']['encoder']
+    code, updated = encoder.apply({'params': params['encoder'], 'batch_stats': stats}, image,
+                                  train=encoder_trains_stats, mutable=['batch_stats'])
+    model_fn = lambda x_t, t: unet.apply({'params': params['unet']}, jnp.concatenate([x_t, condition], -1), t,
+                                         code=code, train=True, rngs={'dropout': dropout_key}).astype(jnp.float32)
+    per_example, aux = losses.diffusion_loss(base, model_fn, image, noise_key, learn_sigma=False,
+                                             p2_gamma=config.diffusion.p2_gamma, p2_k=config.diffusion.p2_k)
+    new_stats = updated['batch_stats'] if encoder_trains_stats else stats
+    return per_example.mean(), {k: jnp.mean(v) for k, v in aux.items()}, {'batch_stats': {'encoder': new_stats}}
+
+  @jax.jit
+  def generate(params, noise, condition, code):
+    """DDIM (config.sampler) from `noise` given buffers and codes; deterministic for eta=0."""
+    denoise_fn = lambda x_t, t: unet.apply({'params': params['unet']}, jnp.concatenate([x_t, condition], -1), t,
+                                           code=code).astype(jnp.float32)
+    return samplers.sample(config.sampler.name, jax.random.key(0), denoise_fn, sample_schedule, noise,
+                           **sample_options)
+
+  def sample(params, key):
+    """Reconstructions of the first config.sample.num examples of config.data from their buffers and codes."""
+    batch = next(iter(pipeline.make_eval_iterator(config.data, local_batch_size=config.sample.num)))
+    noise = jax.random.normal(key, batch['image'].shape)
+    return generate(params, noise, _condition(batch), encode(params, batch['image']))
+
+  def edit(params, key, workdir):
+    run_edits(config, params, key, workdir, generate, jax.jit(encode))
+
+  return System(init=init, loss_fn=loss_fn, sample=sample, commands={'edit': edit}, state_keys=('batch_stats',))
+
+
+def read_example(path: str, where: str, resolution: int) -> dict:
+  """An image in [-1, 1] and its buffers (the .npz beside it), checked; `rendered` computed when absent."""
+  image = image_io.to_float(image_io.read_rgb(path, where))
+  if image.shape[:2] != (resolution, resolution):
+    raise UserError(f'{where}={path!r} is {image.shape[1]}x{image.shape[0]}; the model works at '
+                    f'{resolution}x{resolution}.')
+  buffers_path = os.path.splitext(path)[0] + '.npz'
+  if not os.path.isfile(buffers_path):
+    raise UserError(f'{where}={path!r} has no buffers {buffers_path!r} (normal, albedo, alpha, optional light).')
+  with np.load(buffers_path) as f:
+    buffers = {k: np.asarray(f[k], np.float32) for k in f.files}
+  wanted = {'normal': (resolution, resolution, 3), 'albedo': (resolution, resolution, 3),
+            'alpha': (resolution, resolution)}
+  for key, shape in wanted.items():
+    if buffers.get(key, np.zeros(0)).shape != shape:
+      raise UserError(f'{buffers_path}: {key} must have shape {shape} (the image\'s size); got '
+                      f'{buffers[key].shape if key in buffers else "none"}.')
+  if 'light' in buffers and buffers['light'].shape != (9, 3):
+    raise UserError(f'{buffers_path}: light must be SH coefficients of shape (9, 3); got {buffers["light"].shape}.')
+  if 'light' not in buffers:  # the image is linear in the light: fit it ([0, 1] pixels)
+    buffers['light'] = np.asarray(sh_lighting.estimate_light(
+        (image + 1) / 2, buffers['normal'], buffers['albedo'], buffers['alpha']))
+  if 'rendered' not in buffers:
+    buffers['rendered'] = np.asarray(sh_lighting.shade(buffers['normal'], buffers['albedo'], buffers['alpha'],
+                                                       buffers['light']))
+  return dict(buffers, image=image)
+
+
+def _read_light(path: str) -> np.ndarray:
+  if not os.path.isfile(path):
+    raise UserError(f'config.edit.light={path!r}: no such file; give a .npy of SH coefficients [9, 3].')
+  light = np.load(path)
+  if light.shape != (9, 3):
+    raise UserError(f'config.edit.light={path!r} holds an array of shape {light.shape}; SH lighting is (9, 3).')
+  return light.astype(np.float32)
+
+
+def _relit(example, light):
+  return dict(example, light=light, rendered=np.asarray(
+      sh_lighting.shade(example['normal'], example['albedo'], example['alpha'], light)))
+
+
+def run_edits(config, params, key, workdir, generate, encode):
+  """WORKDIR/edit/<input>_grid.png (input, its rendered / normal / albedo buffers, each edit) and
+  <input>_<edit>.png per edit; all edits of an input start from one shared noise."""
+  e, res = config.edit, config.model.image_size
+  inputs = [p for p in e.input.split(',') if p]
+  if not inputs:
+    raise UserError('config.edit.input is empty; give one or more images (each with its .npz buffers).')
+  source = lambda name: read_example(e[name], f'config.edit.{name}', res) if e[name] else None
+  light = _read_light(e.light) if e.light else None
+  light_from, code_from, buffers_from = source('light_from'), source('code_from'), source('buffers_from')
+  examples = [read_example(p, 'config.edit.input', res) for p in inputs]  # every file checked before any output
+  if not any((light is not None, light_from, e.rotate_degrees, code_from, buffers_from)):
+    raise UserError('config.edit: no edit asked for; set light, light_from, rotate_degrees, code_from or '
+                    'buffers_from.')
+  out_dir = os.path.join(workdir, 'edit')
+  for i, (path, example) in enumerate(zip(inputs, examples)):
+    code = encode(params, example['image'][None])[0]
+    edits = [('reconstruction', example, code)]
+    if light is not None:
+      edits.append(('relight', _relit(example, light), code))
+    if light_from:
+      edits.append(('relight_from', _relit(example, light_from['light']), code))
+    for degrees in e.rotate_degrees:
+      turned = np.asarray(sh_lighting.rotate_light(example['light'], np.deg2rad(degrees)))
+      edits.append((f'rotate{degrees:g}', _relit(example, turned), code))
+    if code_from:
+      edits.append(('code_swap', example, encode(params, code_from['image'][None])[0]))
+    if buffers_from:
+      edits.append(('buffer_swap', dict(example, **{k: buffers_from[k] for k in rig_subjects.BUFFERS}), code))
+    condition = jnp.stack([jnp.concatenate([ex[k] for k in rig_subjects.BUFFERS], -1) for _, ex, _ in edits])
+    noise = jnp.broadcast_to(jax.random.normal(jax.random.fold_in(key, i), (1, res, res, 3)), (len(edits), res, res, 3))
+    outputs = np.asarray(generate(params, noise, condition, jnp.stack([c for _, _, c in edits])))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    shown = [example['image'], example['rendered'] * 2 - 1, example['normal'], example['albedo'] * 2 - 1]
+    image_io.save_png(os.path.join(out_dir, f'{stem}_grid.png'),
+                      image_io.image_grid(np.clip(np.stack([*shown, *outputs]), -1, 1)))
+    for (name, _, _), output in zip(edits, outputs):
+      image_io.save_png(os.path.join(out_dir, f'{stem}_{name}.png'), image_io.to_uint8(output[None])[0])
