@@ -15,14 +15,14 @@ from visgen_jax.models import sh_lighting
 from visgen_jax.systems import get_system
 from visgen_jax.train import config as config_lib, weights
 
-SMALL = ['--config.data.resolution=16', '--config.model.image_size=16']
+SMALL = ['--config.data.resolution=16', '--config.model.image_size=16', '--config.model.channel_mult=1']
 STAGE1 = ['--config=configs/diffusionrig_stage1.py:tiny', *SMALL, '--config.total_steps=2', '--config.ckpt_every=2']
 STAGE2 = ['--config=configs/diffusionrig_stage2.py:tiny', *SMALL]
 
 
 def album_config(*overrides):
   return config_lib.load_config('configs/diffusionrig_stage2.py:tiny',
-                                ['data.resolution=16', 'model.image_size=16', *overrides])
+                                ['data.resolution=16', 'model.image_size=16', 'model.channel_mult=1', *overrides])
 
 
 def test_subjects_have_exact_buffers_and_flips_negate_normal_x(private_cache):
