@@ -81,7 +81,8 @@ def test_stage1_stage2_and_edits_through_the_cli(tmp_path, private_cache):
   face = write_example(inputs, 'face', records[1])
   other = write_example(inputs, 'other', records[40], light=False)  # its light is estimated
   np.save(os.path.join(inputs, 'bad_light.npy'), np.zeros((3, 9)))
-  edit = [*STAGE2, f'--workdir={second}', f'--config.init_from={first}', '--mode=edit', f'--config.edit.input={face}']
+  # The stage-2 workdir alone: commands restore it, init_from is for fresh runs.
+  edit = [*STAGE2, f'--workdir={second}', '--mode=edit', f'--config.edit.input={face}']
   bad = run_main(*edit, f'--config.edit.light={inputs}/bad_light.npy', env=env)
   assert bad.returncode == 2 and "bad_light.npy' holds an array of shape (3, 9)" in bad.stderr
   assert not os.path.exists(os.path.join(second, 'edit'))

@@ -104,6 +104,10 @@ def test_init_from_selected_renamed_and_checked(first, tmp_path):
   with pytest.raises(UserError, match='another shape'):
     trainer.train(small('init_from=' + first, 'model.model_channels=64'), str(tmp_path / 'never'))
   assert not (tmp_path / 'never').exists()
+  # Frozen parameters that nothing loads would stay random.
+  with pytest.raises(UserError, match=r'keeps 26 parameters \(middle_block_0/emb_proj/bias, ...\) at their random'):
+    trainer.train(small(f'frozen={FROZEN}'), str(tmp_path / 'random'))
+  assert not (tmp_path / 'random').exists()
 
 
 def test_init_from_a_guided_diffusion_checkpoint_and_its_conversion(tmp_path):

@@ -57,9 +57,6 @@ def validate(config):
                     f'{config.model.out_channels}: DiffusionRig predicts ε only; set False and 3.')
   if not config.model.code_dim:
     raise UserError('config.model.code_dim=0; DiffusionRig needs the global code (64 in the paper).')
-  if _encoder_frozen(config) and not config.init_from:
-    raise UserError(f'config.frozen={tuple(config.frozen)} freezes the encoder but config.init_from is empty; '
-                    'give the stage-1 workdir to start from.')
   with for_setting('config.model'):
     adm_layout(ADMUNet(**config.model))
   samplers.from_config(config, schedules.make_schedule(config.diffusion.noise_schedule,

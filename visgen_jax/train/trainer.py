@@ -292,6 +292,16 @@ def check_same_model(s: Setup, workdir: str):
                   'trained with or a new workdir.')
 
 
+def _check_frozen_are_loaded(s: Setup, replaced: dict):
+  """UserError when config.frozen would keep parameters at their random initial values: a
+  fresh run must load them (init_from, or the system's computed start)."""
+  frozen = [n for n, keep in weights.flatten(s.unfrozen).items() if not keep and n not in replaced]
+  if frozen and not s.system.load_pretrained:
+    raise UserError(f'config.frozen={tuple(s.config.frozen)} keeps {len(frozen)} parameters ({frozen[0]}, ...) at '
+                    'their random initial values: no config.init_from source gives them; add the run or '
+                    'checkpoint to start from (--config.init_from=PATH).')
+
+
 def train(config, workdir: str):
   s = setup(config)
   data_iter = pipeline.make_train_iterator(
@@ -304,6 +314,7 @@ def train(config, workdir: str):
     # Read and checked before anything is written: a bad source leaves no workdir behind.
     replaced = weights.initial_weights((*s.system.init_from, *config.init_from), config,
                                        s.abstract_state['params'])
+    _check_frozen_are_loaded(s, replaced)
   else:
     check_same_model(s, workdir)
   # Nothing is written to the workdir before this point: every config mistake has surfaced.
