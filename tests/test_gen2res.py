@@ -73,3 +73,30 @@ def test_bad_inputs_exit_2_writing_nothing(tmp_path):
   assert not (tmp_path / 'w').exists()
   assert folder.list_images(str(album))[0] == ['0.png', '1.png']
 
+
+def _mtimes(directory):
+  return {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
+
+
+def test_whole_path_keeps_every_stage_and_a_rerun_resumes_at_the_restore(tmp_path):
+  # :tiny with the toy's smaller model (it compiles in half the time), from random weights.
+  toy.save_random_base(toy.config(), str(tmp_path / 'base'))
+  photo = tmp_path / 'photo.jpg'  # read by its content; the restored image is photo.png
+  gen2res.image_io.save_png(str(photo), np.random.default_rng(0).integers(0, 256, (24, 24, 3), np.uint8))
+  args = (f'--config.init_from={tmp_path / "base"}', f'--config.gen2res.input={photo}',
+          *(f'--config.{override}' for override in toy.OVERRIDES))
+  first = _run(tmp_path, 'gen2res', *args)
+  assert first.returncode == 0, first.stderr[-4000:]
+  w = tmp_path / 'w'
+  assert sorted(_mtimes(w / 'album')) == [f'{i:05d}.png' for i in range(4)] and (w / 'album.png').is_file()
+  assert gen2res.checkpoint.latest_step(str(w / 'checkpoints')) == 20
+  assert gen2res.image_io.read_rgb(str(w / 'restored' / 'photo.png'), 'restored').shape == (toy.RES, toy.RES, 3)
+  assert 'Wrote an album of 4 images' in first.stdout and 'album: done' not in first.stdout, first.stdout[-2000:]
+  kept = _mtimes(w / 'album'), _mtimes(w / 'checkpoints')
+
+  second = _run(tmp_path, 'gen2res', *args)
+  assert second.returncode == 0, second.stderr[-4000:]
+  lines = second.stdout.splitlines()
+  assert f'album: done, in {w / "album"}' in lines and 'finetune: done' in lines, second.stdout[-2000:]
+  assert 'Wrote 1 restored images to ' + str(w / 'restored') in lines
+  assert (_mtimes(w / 'album'), _mtimes(w / 'checkpoints')) == kept  # neither stage wrote again

@@ -139,7 +139,7 @@ def stage_seconds(directory, input_png) -> dict:
   """Each stage of --mode=gen2res at `:tiny` for one image, timed in fresh workdirs."""
   shutil.rmtree(directory, ignore_errors=True)
   base, workdir = os.path.join(directory, 'base'), os.path.join(directory, 'run')
-  toy.save_random_base(base)
+  toy.save_random_base(config_lib.load_config(toy.CONFIG), base)
   config = lambda *extra: config_lib.load_config(toy.CONFIG, (f'init_from={base}', f'gen2res.input={input_png}',
                                                               *extra))
   _log('stages at :tiny: album')

@@ -99,10 +99,10 @@ def restorer(config):
   return restore
 
 
-def save_random_base(directory):
-  """A base model for the command line's stages at plain `:tiny` (32²), random weights, saved as the
-  parameter directory `python -m visgen_jax.convert` writes (an init_from source)."""
-  config = config_lib.load_config(CONFIG)
+def save_random_base(config, directory):
+  """A base model of random weights for `config`'s model, saved as the parameter directory
+  `python -m visgen_jax.convert` writes (an init_from source): what the command line's stages
+  run on in the bench's timing and the command-line test."""
   params = jax.jit(gen2res.make(config).init)(jax.random.key(0), pipeline.example_batch(config.data, 1))
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.abspath(directory), params)
