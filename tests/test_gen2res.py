@@ -12,6 +12,7 @@ from visgen_jax.bench import gen2res_toy as toy
 from visgen_jax.data import folder
 from visgen_jax.eval.image_quality import psnr
 from visgen_jax.systems import gen2res
+from visgen_jax.train import config as config_lib
 
 CONFIG = 'configs/gen2res_ffhq.py:tiny'
 K = 200
@@ -43,6 +44,11 @@ def test_restoration_brings_the_clean_image_closer(toy_psnr):
 
 def test_constrained_prior_beats_unconstrained_at_the_same_k(toy_psnr):
   assert toy_psnr['constrained'] > toy_psnr['base'] + 0.5, toy_psnr  # measured: about 1 dB
+
+
+def test_a_personal_album_fine_tunes_longer_than_a_generative_one():
+  assert config_lib.load_config('configs/gen2res_ffhq.py').total_steps == 3000
+  assert config_lib.load_config('configs/gen2res_ffhq.py:personal').total_steps == 5000
 
 
 def _run(tmp_path, mode, *overrides):
