@@ -8,8 +8,9 @@ on the ADM base model of configs/adm_ffhq256.py (the released base_256.pt loads 
   ... --mode=album --config.init_from=base_256.pt --config.gen2res.input=degraded.png   # W/album/, W/album.png
   ... --mode=finetune --config.init_from=base_256.pt                                    # on W/album
   ... --mode=restore --config.gen2res.input=degraded.png|FOLDER                        # W/restored/
-  # A personal album (a folder of aligned 256² photos of the subject):
-  ... --mode=finetune --config.init_from=base_256.pt --config.data.path=ALBUM --config.total_steps=5000
+  # A personal album (a folder of aligned 256² photos of the subject), fine-tuned 5000 steps:
+  python -m visgen_jax.main --config=configs/gen2res_ffhq.py:personal --workdir=W --mode=finetune \
+      --config.init_from=base_256.pt --config.data.path=ALBUM
 """
 
 import ml_collections
@@ -24,7 +25,8 @@ def get_config(arg=None):
   c.system = 'gen2res'
   # Fine-tuning as the public finetune.py: AdamW, wd 0, lr 1e-5 annealed linearly to 0, batch 4,
   # uniform timesteps, no P2 weighting, no clipping; 3000 steps on a generative album (5000 on a
-  # personal one). EMA 0.9999 is kept, but restoration uses the raw weights (sample.use_ema).
+  # personal one: the variant :personal). EMA 0.9999 is kept, but restoration uses the raw weights
+  # (sample.use_ema).
   c.total_steps = 3000
   c.batch_size = 4
   c.log_every = 100
@@ -42,7 +44,13 @@ def get_config(arg=None):
       guidance_scale=restoration.DEFAULT_GUIDANCE_SCALE,  # λ of the album's skip guidance
       guidance_every=restoration.DEFAULT_GUIDANCE_EVERY,  # n: timesteps t with (t+1) % n == 0 are guided
       restore_guidance_scale=0.0))  # the paper restores without guidance (the public script uses 0.3)
-  return config_lib.variant(c, arg, __file__, tiny=tiny)
+  return config_lib.variant(c, arg, __file__, tiny=tiny, personal=personal)
+
+
+def personal(c):
+  """Fine-tuning on a personal album (config.data.path: the subject's own photos): 5000 steps, as the
+  public code does; a generative album gets 3000."""
+  c.total_steps = 5000
 
 
 def tiny(c):

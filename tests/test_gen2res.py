@@ -1,113 +1,54 @@
-"""Gen2Res at toy scale: restoration helps, a constrained prior helps more; the commands' bad inputs.
-
-The toy (why its comparisons mean something): a "subject" is one built-in face; its personal
-album is that face shifted by a pixel and re-exposed (other photos of the same person), without
-the test photo itself (the face as it is). The base model is a tiny ADM trained briefly on the
-other faces, so it knows faces in general but not the subject; the degradation (2x
-downsampling, blur, noise) destroys detail that only knowledge of the subject brings back. A
-constrained prior (the base fine-tuned on the album) must then restore the test photo better
-than the unconstrained base at the same K, and better than leaving it degraded.
-"""
+"""Gen2Res at toy scale (visgen_jax/bench/gen2res_toy.py says why its comparisons mean something):
+restoration helps, a constrained prior helps more; the commands' bad inputs."""
 
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-import skimage.data
 
 from tests import helpers
+from visgen_jax.bench import gen2res_toy as toy
 from visgen_jax.data import folder
-from visgen_jax.diffusion import restoration, schedules
+from visgen_jax.eval.image_quality import psnr
 from visgen_jax.systems import gen2res
 from visgen_jax.train import config as config_lib
-from visgen_jax.train import trainer
 
 CONFIG = 'configs/gen2res_ffhq.py:tiny'
-RES = 16
 K = 200
+DRAWS = 3  # restorations of the same input with different noise: a comparison of means
 
 
-def _config():
-  c = config_lib.load_config(CONFIG, [f'data.resolution={RES}', f'model.image_size={RES}',
-                                      'model.channel_mult=1', 'model.attention_resolutions=',
-                                      'optimizer.learning_rate=2e-3'])
-  return c
-
-
-def _faces():
-  """The built-in faces at RES², in [-1, 1]."""
-  faces = skimage.data.lfw_subset()[:100]
-  small = jax.image.resize(jnp.asarray(faces, jnp.float32), (100, RES, RES), 'linear')
-  return jnp.repeat(small[..., None] * 2 - 1, 3, axis=-1)
-
-
-def _album(face):
-  """The subject's other photos: shifted by a pixel and re-exposed, never the face as it is."""
-  shots = [jnp.roll(face, shift, axis) * gain for shift, axis, gain in
-           [(1, 0, 1.0), (-1, 0, 1.0), (1, 1, 1.0), (-1, 1, 1.0), (1, 0, 0.9), (-1, 1, 0.9),
-            (1, 1, 1.1), (-1, 0, 1.1)]]
-  return jnp.clip(jnp.stack(shots), -1, 1)
-
-
-def _degrade(face, key):
-  small = jax.image.resize(face, (RES // 2, RES // 2, 3), 'linear')
-  blurry = jax.image.resize(small, (RES, RES, 3), 'linear')
-  return jnp.clip(blurry + 0.2 * jax.random.normal(key, face.shape), -1, 1)
-
-
-def _psnr(a, b):
-  return float(-10 * jnp.log10(jnp.mean(((a - b) / 2) ** 2)))
-
-
-def _train(system, opt_config, params, images, steps, seed):
-  tx, _ = trainer.make_optimizer(opt_config, steps)
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, key):
-    pick_key, loss_key = jax.random.split(key)
-    batch = {'image': images[jax.random.choice(pick_key, len(images), (8,))]}
-    grads = jax.grad(lambda p: system.loss_fn(p, batch, loss_key)[0])(params)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  for i in range(steps):
-    params, state = step(params, state, jax.random.fold_in(jax.random.key(seed), i))
-  return params
+def _mean_psnr(images, clean):
+  return np.mean([psnr((image + 1) / 2, (clean + 1) / 2) for image in np.asarray(images)])
 
 
 @pytest.fixture(scope='module')
-def toy():
-  config = _config()
+def toy_psnr():
+  config = toy.config()
   system = gen2res.make(config)
-  faces = _faces()
-  subject, others = faces[0], faces[1:]
-  params = system.init(jax.random.key(0), {'image': others[:1]})
-  base = _train(system, config.optimizer, params, others, 200, seed=1)
-  constrained = _train(system, config.optimizer, base, _album(subject), 150, seed=2)
-  unet = gen2res.adm.make_unet(config.model)
-  schedule = schedules.make_schedule('linear', 1000)
-
-  @jax.jit
-  def restore(params, y, key):
-    denoise_fn = lambda x, t: unet.apply({'params': params}, x, t)
-    return restoration.restore(key, denoise_fn, schedule, y, start_step=K)
-
-  degraded = _degrade(subject, jax.random.key(3))[None]
-  keys = [jax.random.key(10 + i) for i in range(3)]  # several draws: a comparison of means
-  mean_psnr = lambda p: np.mean([_psnr(restore(p, degraded, k)[0], subject) for k in keys])
-  return dict(degraded=_psnr(degraded[0], subject), base=mean_psnr(base), constrained=mean_psnr(constrained))
+  subject, others = toy.faces()
+  base = toy.train(system, config.optimizer, toy.init(system, others), others, toy.BASE_STEPS, seed=1)
+  constrained = toy.train(system, config.optimizer, base, toy.personal_album(subject), toy.ALBUM_STEPS, seed=2)
+  degraded = toy.degrade(subject, jax.random.key(3))
+  restore = toy.restorer(config)
+  draws = np.broadcast_to(degraded, (DRAWS, *degraded.shape))
+  restored = lambda params: restore(params, draws, jax.random.key(10), start_step=K)
+  return dict(degraded=_mean_psnr(degraded[None], subject), base=_mean_psnr(restored(base), subject),
+              constrained=_mean_psnr(restored(constrained), subject))
 
 
-def test_restoration_brings_the_clean_image_closer(toy):
-  assert toy['constrained'] > toy['degraded'] + 1.0, toy
+def test_restoration_brings_the_clean_image_closer(toy_psnr):
+  assert toy_psnr['constrained'] > toy_psnr['degraded'] + 1.0, toy_psnr
 
 
-def test_constrained_prior_beats_unconstrained_at_the_same_k(toy):
-  assert toy['constrained'] > toy['base'] + 0.5, toy  # measured: about 1 dB
+def test_constrained_prior_beats_unconstrained_at_the_same_k(toy_psnr):
+  assert toy_psnr['constrained'] > toy_psnr['base'] + 0.5, toy_psnr  # measured: about 1 dB
+
+
+def test_a_personal_album_fine_tunes_longer_than_a_generative_one():
+  assert config_lib.load_config('configs/gen2res_ffhq.py').total_steps == 3000
+  assert config_lib.load_config('configs/gen2res_ffhq.py:personal').total_steps == 5000
 
 
 def _run(tmp_path, mode, *overrides):
@@ -137,3 +78,31 @@ def test_bad_inputs_exit_2_writing_nothing(tmp_path):
   assert unreadable.returncode == 2, unreadable.stderr[-2000:]
   assert not (tmp_path / 'w').exists()
   assert folder.list_images(str(album))[0] == ['0.png', '1.png']
+
+
+def _mtimes(directory):
+  return {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
+
+
+def test_whole_path_keeps_every_stage_and_a_rerun_resumes_at_the_restore(tmp_path):
+  # :tiny with the toy's smaller model (it compiles in half the time), from random weights.
+  toy.save_random_base(toy.config(), str(tmp_path / 'base'))
+  photo = tmp_path / 'photo.jpg'  # read by its content; the restored image is photo.png
+  gen2res.image_io.save_png(str(photo), np.random.default_rng(0).integers(0, 256, (24, 24, 3), np.uint8))
+  args = (f'--config.init_from={tmp_path / "base"}', f'--config.gen2res.input={photo}',
+          *(f'--config.{override}' for override in toy.OVERRIDES))
+  first = _run(tmp_path, 'gen2res', *args)
+  assert first.returncode == 0, first.stderr[-4000:]
+  w = tmp_path / 'w'
+  assert sorted(_mtimes(w / 'album')) == [f'{i:05d}.png' for i in range(4)] and (w / 'album.png').is_file()
+  assert gen2res.checkpoint.latest_step(str(w / 'checkpoints')) == 20
+  assert gen2res.image_io.read_rgb(str(w / 'restored' / 'photo.png'), 'restored').shape == (toy.RES, toy.RES, 3)
+  assert 'Wrote an album of 4 images' in first.stdout and 'album: done' not in first.stdout, first.stdout[-2000:]
+  kept = _mtimes(w / 'album'), _mtimes(w / 'checkpoints')
+
+  second = _run(tmp_path, 'gen2res', *args)
+  assert second.returncode == 0, second.stderr[-4000:]
+  lines = second.stdout.splitlines()
+  assert f'album: done, in {w / "album"}' in lines and 'finetune: done' in lines, second.stdout[-2000:]
+  assert 'Wrote 1 restored images to ' + str(w / 'restored') in lines
+  assert (_mtimes(w / 'album'), _mtimes(w / 'checkpoints')) == kept  # neither stage wrote again
