@@ -35,7 +35,7 @@ def get_config(arg=None):
   c.sample.use_ema = False
   c.sample.num = 8
   c.data = ml_collections.ConfigDict(dict(name='rig_subjects', resolution=256, subjects='others', album_subject=0,
-                                          random_flip=True, worker_count=0, prefetch=2))
+                                          path='', random_flip=True, worker_count=0, prefetch=2))
   c.model = ml_collections.ConfigDict(dict(
       image_size=256, in_channels=diffusionrig.IN_CHANNELS, model_channels=128, out_channels=3, num_res_blocks=2,
       attention_resolutions=(16,), dropout=0.1, channel_mult=(1, 1, 2, 2, 4, 4), num_classes=0, num_heads=1,

@@ -132,7 +132,7 @@ def test_example_batch_comes_from_the_spec():
 def test_validate_refuses_settings_the_source_does_not_read():
   data.validate(data_config())  # unset keys it does not read are fine
   with pytest.raises(UserError, match=r"^data.path='/data/x' needs "
-                     r"data.name=folder or image_folder or segmentation, but data.name is "
+                     r"data.name=folder or image_folder or rig_folder or segmentation, but data.name is "
                      r"'test_normals'"):
     data.validate(data_config(path='/data/x'))
   with pytest.raises(UserError, match=r'data.random_crop=True needs '

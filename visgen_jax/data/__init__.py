@@ -15,4 +15,5 @@ from visgen_jax.data import images  # registers its sources
 from visgen_jax.data import image_folder  # registers its source
 from visgen_jax.data import segmentation  # registers its sources
 from visgen_jax.data import rig_subjects  # registers its source
+from visgen_jax.data import rig_buffers  # registers its source
 from visgen_jax.data.registry import validate

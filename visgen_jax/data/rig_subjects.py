@@ -159,6 +159,14 @@ def _identity(batch):
   return batch
 
 
+def spec(hw: tuple[int, int]) -> dict:
+  """A batch's examples at H x W (also those of 'rig_folder')."""
+  color = registry.Feature((*hw, 3), np.float32, width_axis=1)
+  return {'image': color, 'rendered': color, 'albedo': color,
+          'normal': registry.Feature((*hw, 3), np.float32, width_axis=1, flip_sign=(-1, 1, 1)),
+          'alpha': registry.Feature(hw, np.float32, width_axis=1), 'index': registry.Feature((), np.int32)}
+
+
 @registry.register('rig_subjects')
 class RigSubjects(registry.Source):
   keys = ('resolution', 'subjects', 'album_subject')
@@ -176,11 +184,7 @@ class RigSubjects(registry.Source):
     return recs, registry.SourceInfo(self.name, dataset_file(int(data_config.resolution)), len(recs))
 
   def spec(self, data_config):
-    r = data_config.resolution
-    color = registry.Feature((r, r, 3), np.float32, width_axis=1)
-    return {'image': color, 'rendered': color, 'albedo': color,
-            'normal': registry.Feature((r, r, 3), np.float32, width_axis=1, flip_sign=(-1, 1, 1)),
-            'alpha': registry.Feature((r, r), np.float32, width_axis=1), 'index': registry.Feature((), np.int32)}
+    return spec((data_config.resolution,) * 2)
 
   def transform(self, data_config, info, train):
     return _example
