@@ -12,7 +12,7 @@ from visgen_jax import image_io
 from visgen_jax.data import pipeline, rig_subjects
 from visgen_jax.errors import UserError
 from visgen_jax.models import sh_lighting
-from visgen_jax.systems import get_system
+from visgen_jax.systems import diffusionrig, get_system
 from visgen_jax.train import config as config_lib, weights
 
 SMALL = ['--config.data.resolution=16', '--config.model.image_size=16', '--config.model.channel_mult=1']
@@ -61,6 +61,16 @@ def write_example(directory, name, record, light=True):
   np.savez(os.path.join(directory, f'{name}.npz'),
            **{k: record[k] for k in ('normal', 'albedo', 'alpha', *(('light',) if light else ()))})
   return path
+
+
+def test_edit_inputs_are_checked_as_datasets_are(tmp_path, private_cache):
+  record = rig_subjects.records(album_config('data.subjects=all').data)[1]
+  good = write_example(str(tmp_path), 'good', record, light=False)
+  example = diffusionrig.read_example(good, 'config.edit.input', 16)
+  assert example['light'].shape == (9, 3) and example['rendered'].shape == (16, 16, 3)
+  short = write_example(str(tmp_path), 'short', dict(record, normal=0.5 * record['normal']))
+  with pytest.raises(UserError, match=r"short.npz: normal has lengths in \[0.5, 0.5\] inside the mask"):
+    diffusionrig.read_example(short, 'config.edit.input', 16)
 
 
 def test_stage1_stage2_and_edits_through_the_cli(tmp_path, private_cache):

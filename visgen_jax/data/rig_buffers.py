@@ -70,13 +70,15 @@ def _check_range(buffers: dict, key: str, low: float, high: float) -> None:
                   f'allowed: finite, within [{low:.3g}, {high:.3g}].')
 
 
-def check_pair(image: np.ndarray, buffers: dict) -> dict:
+def check_pair(image: np.ndarray, buffers: dict, *, estimate_light: bool = False) -> dict:
   """The checked buffers (float32, 'rendered' computed when absent) of uint8 `image` [H, W, 3];
-  raises BadPair naming the buffer and what is allowed."""
+  raises BadPair naming the buffer and what is allowed. With estimate_light, a missing light
+  is fitted to the image (least squares: the image is linear in the light)."""
   h, w = image.shape[:2]
-  missing = [k for k in ('normal', 'albedo', 'alpha', 'light') if k not in buffers]
+  required = ('normal', 'albedo', 'alpha') + (() if estimate_light else ('light',))
+  missing = [k for k in required if k not in buffers]
   if missing:
-    raise BadPair(f'no {", ".join(missing)}; required: normal, albedo, alpha, light.')
+    raise BadPair(f'no {", ".join(missing)}; required: {", ".join(required)}.')
   flame = [k for k in FLAME_SIZES if k in buffers]
   if flame and len(flame) != len(FLAME_SIZES):
     raise BadPair(f'has FLAME parameters {", ".join(flame)} only; allowed: all of '
@@ -87,6 +89,9 @@ def check_pair(image: np.ndarray, buffers: dict) -> dict:
     if key in buffers:
       _check_shape(buffers, key, (h, w, 3), "the image's H x W, 3 channels")
   _check_shape(buffers, 'alpha', (h, w), "the image's H x W")
+  if 'light' not in buffers:
+    buffers['light'] = np.asarray(sh_lighting.estimate_light(
+        image.astype(np.float32) / 255, buffers['normal'], buffers['albedo'], buffers['alpha']), np.float32)
   _check_shape(buffers, 'light', (9, 3), 'SH coefficients x colours')
   for key in flame:
     _check_shape(buffers, key, (FLAME_SIZES[key],), f'FLAME {key}')

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from visgen_jax import image_io
-from visgen_jax.data import pipeline, rig_subjects
+from visgen_jax.data import pipeline, rig_buffers, rig_subjects
 from visgen_jax.diffusion import losses, samplers, schedules
 from visgen_jax.errors import UserError, for_setting
 from visgen_jax.models import sh_lighting
@@ -128,31 +128,22 @@ def make(config) -> System:
 
 
 def read_example(path: str, where: str, resolution: int) -> dict:
-  """An image in [-1, 1] and its buffers (the .npz beside it), checked; `rendered` computed when absent."""
-  image = image_io.to_float(image_io.read_rgb(path, where))
-  if image.shape[:2] != (resolution, resolution):
-    raise UserError(f'{where}={path!r} is {image.shape[1]}x{image.shape[0]}; the model works at '
+  """An image in [-1, 1] and its buffers (the .npz beside it), checked as datasets are
+  (data/rig_buffers.check_pair); light fitted and `rendered` computed when absent."""
+  pixels = image_io.read_rgb(path, where)
+  if pixels.shape[:2] != (resolution, resolution):
+    raise UserError(f'{where}={path!r} is {pixels.shape[1]}x{pixels.shape[0]}; the model works at '
                     f'{resolution}x{resolution}.')
   buffers_path = os.path.splitext(path)[0] + '.npz'
   if not os.path.isfile(buffers_path):
     raise UserError(f'{where}={path!r} has no buffers {buffers_path!r} (normal, albedo, alpha, optional light).')
   with np.load(buffers_path) as f:
-    buffers = {k: np.asarray(f[k], np.float32) for k in f.files}
-  wanted = {'normal': (resolution, resolution, 3), 'albedo': (resolution, resolution, 3),
-            'alpha': (resolution, resolution)}
-  for key, shape in wanted.items():
-    if buffers.get(key, np.zeros(0)).shape != shape:
-      raise UserError(f'{buffers_path}: {key} must have shape {shape} (the image\'s size); got '
-                      f'{buffers[key].shape if key in buffers else "none"}.')
-  if 'light' in buffers and buffers['light'].shape != (9, 3):
-    raise UserError(f'{buffers_path}: light must be SH coefficients of shape (9, 3); got {buffers["light"].shape}.')
-  if 'light' not in buffers:  # the image is linear in the light: fit it ([0, 1] pixels)
-    buffers['light'] = np.asarray(sh_lighting.estimate_light(
-        (image + 1) / 2, buffers['normal'], buffers['albedo'], buffers['alpha']))
-  if 'rendered' not in buffers:
-    buffers['rendered'] = np.asarray(sh_lighting.shade(buffers['normal'], buffers['albedo'], buffers['alpha'],
-                                                       buffers['light']))
-  return dict(buffers, image=image)
+    buffers = {k: f[k] for k in f.files}
+  try:
+    buffers = rig_buffers.check_pair(pixels, buffers, estimate_light=True)
+  except rig_buffers.BadPair as e:
+    raise UserError(f'{where}: {buffers_path}: {e}') from None
+  return dict(buffers, image=image_io.to_float(pixels))
 
 
 def _read_light(path: str) -> np.ndarray:
