@@ -44,19 +44,15 @@ def trainable_mask(params, frozen_patterns):
       lambda path, _: not any(c.search(path_name(path)) for c in compiled), params)
 
 
-def only(tree, mask, keep: bool = True):
-  """`tree` with the leaves whose mask is not `keep` replaced by optax.MaskedNode (no leaves)."""
-  return jax.tree.map(lambda x, m: x if m == keep else optax.MaskedNode(), tree, mask)
-
-
-def _absent(x) -> bool:
-  # A checkpoint read without an abstract tree gives None where MaskedNode was saved.
-  return x is None or isinstance(x, optax.MaskedNode)
+def only(tree, mask):
+  """`tree` with the leaves whose mask is False replaced by optax.MaskedNode (no leaves)."""
+  return jax.tree.map(lambda x, m: x if m else optax.MaskedNode(), tree, mask)
 
 
 def merge(partial, full):
-  """`partial` (MaskedNode, or None as read back from a checkpoint, where absent) completed from `full`."""
-  return jax.tree.map(lambda p, f: f if _absent(p) else p, partial, full, is_leaf=_absent)
+  """`partial` (MaskedNode where absent) completed from `full`."""
+  absent = lambda x: isinstance(x, optax.MaskedNode)
+  return jax.tree.map(lambda p, f: f if absent(p) else p, partial, full, is_leaf=absent)
 
 
 def check_frozen(frozen_patterns, params_shapes):
