@@ -69,7 +69,7 @@ def test_converter_names_every_key_it_cannot_map(oracle):
                      r'\(pt_inception-2015-12-05-6726825d.pth\): 1 keys with no counterpart '
                      r'\(AuxLogits.fc.weight\); 1 params with no key '
                      r'\(Mixed_7c/branch_pool/var\); 1 keys of another shape '
-                     r'\(fc.weight \(1000, 2048\)\)\.$'):
+                     r'\(fc.weight \(1000, 2048\) for fc/kernel \(2048, 1008\)\)\.$'):
     inception_convert.convert_inception_state_dict(other)
   with pytest.raises(UserError, match=r'^w.pt is not the FID Inception \(it has no '
                      r'Mixed_6d.branch1x1.conv.weight\); give pytorch-fid'):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from visgen_jax.convert import torch_layout
 from visgen_jax.errors import UserError
 from visgen_jax.models import clip as clip_lib
 
@@ -80,13 +81,9 @@ def flax_path(key: str) -> tuple[str, ...] | None:
 
 
 def _to_flax(array: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
-  if path[-1] == 'kernel' and array.ndim == 4:  # Conv2d OIHW → HWIO
-    return array.transpose(2, 3, 1, 0)
-  if path[-1] == 'kernel':  # Linear [out, in] → [in, out]
-    return array.T
   if path == ('logit_scale',):  # a scalar, or [1] in some open_clip versions
     return array.reshape(())
-  return array
+  return torch_layout.to_flax(array, path)
 
 
 def abstract_params(model):
@@ -123,30 +120,11 @@ def convert_clip_state_dict(state_dict: Mapping, model) -> dict:
                     f'not a {type(model).__name__}.')
   expected = {prefix + path: leaf for path, leaf in
               flax.traverse_util.flatten_dict(abstract_params(model)).items()}
-  flat, unknown = {}, []
-  for key, value in state_dict.items():
-    if key in _IGNORED or _tower(key) not in towers:
-      continue
-    path = flax_path(key)
-    if path not in expected:
-      unknown.append(key)
-      continue
-    array = _to_flax(np.asarray(value, np.float32), path)
-    if array.shape != expected[path].shape:
-      raise UserError(f'CLIP checkpoint key {key} of shape {np.shape(value)} becomes {array.shape}, '
-                      f'but param {"/".join(path)} has shape {expected[path].shape}; the CLIP '
-                      'preset does not match the checkpoint.')
-    flat[path[len(prefix):]] = array
-  if unknown:
-    raise UserError(f'{len(unknown)} CLIP checkpoint keys have no counterpart ('
-                    f'{", ".join(unknown[:8])}{", ..." if len(unknown) > 8 else ""}); only '
-                    'OpenAI/open_clip ViT CLIP state dicts are supported.')
-  missing = ['/'.join(p) for p in expected if p[len(prefix):] not in flat]
-  if missing:
-    raise UserError(f'the CLIP checkpoint has no value for {len(missing)} params ('
-                    f'{", ".join(missing[:8])}{", ..." if len(missing) > 8 else ""}); the CLIP '
-                    'preset does not match the checkpoint.')
-  return flax.traverse_util.unflatten_dict(flat)
+  flat, _ = torch_layout.map_state_dict(
+      state_dict, expected, flax_path, convert=_to_flax,
+      what='the checkpoint is not an OpenAI/open_clip ViT CLIP of this preset',
+      skip=lambda key: key in _IGNORED or _tower(key) not in towers)
+  return flax.traverse_util.unflatten_dict({path[len(prefix):]: array for path, array in flat.items()})
 
 
 def infer_clip_config(state_dict: Mapping, act: str) -> dict:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from visgen_jax.convert import torch_layout
 from visgen_jax.errors import UserError
 from visgen_jax.models.adm_unet import ADMUNet, adm_layout
 
@@ -53,45 +54,23 @@ def abstract_params(module: ADMUNet):
   return jax.eval_shape(lambda *args: module.init(jax.random.key(0), *args), x, t, y, code)['params']
 
 
-def _to_flax(array: np.ndarray, param: str) -> np.ndarray:
-  if param == 'kernel' and array.ndim == 4:  # Conv2d OIHW → HWIO
-    return array.transpose(2, 3, 1, 0)
-  if param == 'kernel' and array.ndim == 3:  # 1x1 Conv1d [out, in, 1] → Dense [in, out]
-    return array[..., 0].T
-  if param == 'kernel':  # Linear [out, in] → [in, out]
-    return array.T
-  return array
-
-
-def _convert(state_dict: Mapping[str, np.ndarray], module: ADMUNet):
-  """(params, unmapped keys). Raises UserError on a missing param or a shape mismatch."""
+def _convert(state_dict: Mapping[str, np.ndarray], module: ADMUNet, ignore_unmapped: bool):
+  """(params, keys with no counterpart)."""
   module_map = _module_map(module)
   expected = flax.traverse_util.flatten_dict(abstract_params(module))
-  flat, unmapped = {}, []
-  for key, value in state_dict.items():
+
+  def flax_path(key):
     torch_module, _, leaf = key.rpartition('.')
     path = module_map.get(torch_module)
     if path is None or leaf not in ('weight', 'bias'):
-      unmapped.append(key)
-      continue
+      return None
     if leaf == 'bias':
-      param = 'bias'
-    else:
-      param = next((p for p in ('kernel', 'scale', 'embedding') if path + (p,) in expected), None)
-    target = path + (param,)
-    if target not in expected:
-      unmapped.append(key)
-      continue
-    array = _to_flax(np.asarray(value, np.float32), param)
-    if array.shape != expected[target].shape:
-      raise UserError(
-          f'checkpoint key {key} of shape {np.shape(value)} becomes {array.shape} in Flax, but ADMUNet param '
-          f'{"/".join(target)} has shape {expected[target].shape}; the model config does not match the checkpoint.')
-    flat[target] = array
-  missing = ['/'.join(p) for p in expected if p not in flat]
-  if missing:
-    raise UserError(f'the checkpoint has no value for {len(missing)} ADMUNet params ({", ".join(missing[:8])}'
-                    f'{", ..." if len(missing) > 8 else ""}); the model config does not match the checkpoint.')
+      return path + ('bias',)
+    return next((path + (p,) for p in ('kernel', 'scale', 'embedding') if path + (p,) in expected), None)
+
+  flat, unmapped = torch_layout.map_state_dict(
+      state_dict, expected, flax_path, allow_unmapped=ignore_unmapped,
+      what='the checkpoint is not a guided_diffusion UNetModel of this model config')
   return flax.traverse_util.unflatten_dict(flat), unmapped
 
 
@@ -99,14 +78,10 @@ def convert_unet_state_dict(state_dict: Mapping[str, np.ndarray], module: ADMUNe
                             ignore_unmapped: bool = False):
   """Flax params (float32 numpy) for `module` from a guided_diffusion UNetModel state dict.
 
-  Raises UserError when a param has no key or a shape differs, and when a key
-  has no counterpart unless `ignore_unmapped`.
+  Raises UserError when a param has no key or a shape differs, and when a key has no
+  counterpart unless `ignore_unmapped`.
   """
-  params, unmapped = _convert(state_dict, module)
-  if unmapped and not ignore_unmapped:
-    raise UserError(f'{len(unmapped)} checkpoint keys have no ADMUNet counterpart ({", ".join(unmapped[:8])}'
-                    f'{", ..." if len(unmapped) > 8 else ""}); is it a guided_diffusion UNetModel checkpoint?')
-  return params
+  return _convert(state_dict, module, ignore_unmapped)[0]
 
 
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -129,7 +104,7 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def load_guided_diffusion_checkpoint(path: str, module: ADMUNet):
   """(params, unmapped_keys) from a guided_diffusion .pt file for `module`."""
-  return _convert(load_torch_state_dict(path), module)
+  return _convert(load_torch_state_dict(path), module, ignore_unmapped=True)
 
 
 def infer_unet_config(state_dict: Mapping[str, np.ndarray], image_size: int) -> dict:

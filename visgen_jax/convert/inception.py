@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from visgen_jax.convert import torch_layout
 from visgen_jax.convert.guided_diffusion import load_torch_state_dict
 from visgen_jax.errors import UserError
 from visgen_jax.models.inception import InceptionV3
@@ -46,48 +47,18 @@ def flax_path(key: str) -> tuple[str, ...] | None:
   return (*modules, _BN[name]) if name in _BN else None
 
 
-def _to_flax(array: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
-  if path[-1] == 'kernel' and array.ndim == 4:  # Conv2d OIHW → HWIO
-    return array.transpose(2, 3, 1, 0)
-  if path[-1] == 'kernel':  # Linear [out, in] → [in, out]
-    return array.T
-  return array
-
-
-def _listed(items: list[str]) -> str:
-  return ', '.join(items[:6]) + (', ...' if len(items) > 6 else '')
-
-
 def convert_inception_state_dict(state_dict: Mapping, source: str = 'the state dict') -> dict:
   """InceptionV3 params (float32 numpy) from pytorch-fid's state dict (name → array).
 
   Raises UserError (one sentence naming `source`) when the keys are not the FID Inception's:
   keys with no param, params with no key, or a shape that differs.
   """
-  expected = flax.traverse_util.flatten_dict(abstract_params())
   if 'Mixed_6d.branch1x1.conv.weight' not in state_dict:
     raise UserError(f'{source} is not the FID Inception (it has no Mixed_6d.branch1x1.conv.weight); '
                     f'give pytorch-fid\'s {WEIGHTS_FILE}.')
-  flat, unmapped, misshapen = {}, [], []
-  for key, value in state_dict.items():
-    if key.endswith(_SKIPPED):
-      continue
-    path = flax_path(key)
-    if path not in expected:
-      unmapped.append(key)
-      continue
-    array = _to_flax(np.asarray(value, np.float32), path)
-    if array.shape != expected[path].shape:
-      misshapen.append(f'{key} {tuple(np.shape(value))}')
-    flat[path] = array
-  missing = ['/'.join(p) for p in expected if p not in flat]
-  problems = [f'{len(unmapped)} keys with no counterpart ({_listed(unmapped)})' if unmapped else '',
-              f'{len(missing)} params with no key ({_listed(missing)})' if missing else '',
-              f'{len(misshapen)} keys of another shape ({_listed(misshapen)})' if misshapen else '']
-  problems = [p for p in problems if p]
-  if problems:
-    raise UserError(f'{source} is not the FID Inception of pytorch-fid ({WEIGHTS_FILE}): '
-                    f'{"; ".join(problems)}.')
+  flat, _ = torch_layout.map_state_dict(
+      state_dict, flax.traverse_util.flatten_dict(abstract_params()), flax_path,
+      what=f'{source} is not the FID Inception of pytorch-fid ({WEIGHTS_FILE})', skip=lambda k: k.endswith(_SKIPPED))
   return flax.traverse_util.unflatten_dict(flat)
 
 
