@@ -46,7 +46,7 @@ def run(argv):
   if FLAGS.mode == 'train':
     trainer.train(config, workdir)
   else:
-    systems.run_command(config, workdir, FLAGS.mode, trainer.run_command)
+    systems.run_command(config, workdir, FLAGS.mode, trainer)
 
 
 def main():

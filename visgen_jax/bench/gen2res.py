@@ -145,10 +145,10 @@ def stage_seconds(directory, input_png) -> dict:
   _log('stages at :tiny: album')
   album = _timed(gen2res.make_album, config(), workdir)
   _log('stages at :tiny: fine-tune, 20 and 120 steps')
-  short = _timed(gen2res.finetune, config(), workdir)
+  short = _timed(gen2res.finetune, config(), workdir, trainer)
   album_dir = os.path.join(workdir, gen2res.ALBUM_DIR)
   long = _timed(gen2res.finetune, config('total_steps=120', f'data.path={album_dir}'),
-                os.path.join(directory, 'run_120_steps'))
+                os.path.join(directory, 'run_120_steps'), trainer)
   _log('stages at :tiny: restore')
   restore = _timed(trainer.run_command, config(), workdir, 'restore')
   return {'album': album, 'finetune_20_steps': short, 'finetune_per_100_steps': long - short, 'restore': restore}

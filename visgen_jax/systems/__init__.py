@@ -65,8 +65,13 @@ def get_system(config) -> System:
   return recipe.make(config)
 
 
-def run_command(config, workdir: str, mode: str, default: Callable):
-  """--mode=MODE (not train) through the recipe's own run_command(config, workdir, mode) if it
-  has one (for commands that run before the workdir holds a checkpoint, e.g. Gen2Res's album),
-  else through `default` (the trainer's)."""
-  getattr(_recipe(config), 'run_command', default)(config, workdir, mode)
+def run_command(config, workdir: str, mode: str, core):
+  """--mode=MODE (not train): through the recipe's own run_command(config, workdir, mode, core) if it
+  has one (for commands that run before the workdir holds a checkpoint, e.g. Gen2Res's album), else
+  through the core's. `core` is the trainer (its train and run_command): passed in, so that recipes
+  stay below it."""
+  recipe = _recipe(config)
+  if hasattr(recipe, 'run_command'):
+    recipe.run_command(config, workdir, mode, core)
+  else:
+    core.run_command(config, workdir, mode)

@@ -28,7 +28,7 @@ from visgen_jax.data import folder, image_folder, pipeline
 from visgen_jax.diffusion import restoration, schedules
 from visgen_jax.errors import UserError
 from visgen_jax.systems import adm
-from visgen_jax.train import checkpoint, sharding, trainer, weights
+from visgen_jax.train import checkpoint, sharding, weights
 
 ALBUM_DIR, ALBUM_GRID, RESTORED_DIR = 'album', 'album.png', 'restored'
 
@@ -135,7 +135,7 @@ def make_album(config, workdir):
     print(f'Wrote an album of {len(album)} images to {os.path.join(workdir, ALBUM_DIR)}', flush=True)
 
 
-def finetune(config, workdir):
+def finetune(config, workdir, core):
   """--mode=finetune: trains W from config.init_from on the album (data.path, else W/album)."""
   config = config.copy_and_resolve_references()
   if not config.data.path:
@@ -149,10 +149,10 @@ def finetune(config, workdir):
   if fresh and not config.init_from:
     raise UserError('config.init_from is empty; Gen2Res fine-tunes a base model: give base_256.pt, a converted '
                     'directory or a workdir.')
-  trainer.train(config, workdir)
+  core.train(config, workdir)
 
 
-def whole_path(config, workdir):
+def whole_path(config, workdir, core):
   """--mode=gen2res: album -> finetune -> restore, resuming at the unfinished stage."""
   _read_input(config)  # a bad input fails before any stage writes
   if os.path.isfile(os.path.join(workdir, ALBUM_GRID)):
@@ -162,16 +162,18 @@ def whole_path(config, workdir):
   if checkpoint.latest_step(os.path.join(workdir, 'checkpoints')) == config.total_steps:
     tqdm.write('finetune: done')
   else:
-    finetune(config, workdir)
-  trainer.run_command(config, workdir, 'restore')
+    finetune(config, workdir, core)
+  core.run_command(config, workdir, 'restore')
 
 
-STAGES = {'album': make_album, 'finetune': finetune, 'gen2res': whole_path}
-
-
-def run_command(config, workdir, mode):
-  """Gen2Res's stages run before W holds a checkpoint; other modes (restore, sample) on it."""
-  if mode in STAGES:
-    STAGES[mode](config, workdir)
+def run_command(config, workdir, mode, core):
+  """Gen2Res's stages run before W holds a checkpoint; other modes (restore, sample) on it.
+  `core` is the trainer (systems.run_command)."""
+  if mode == 'album':
+    make_album(config, workdir)
+  elif mode == 'finetune':
+    finetune(config, workdir, core)
+  elif mode == 'gen2res':
+    whole_path(config, workdir, core)
   else:
-    trainer.run_command(config, workdir, mode)
+    core.run_command(config, workdir, mode)
