@@ -22,14 +22,20 @@ def import_torch():
   return torch
 
 
-def randomised(module, torch, seed):
-  """Every parameter and BatchNorm statistic drawn at random (zero-initialised layers would hide errors)."""
+def randomised(module, torch, seed, norm_scale=0.0):
+  """Every parameter and BatchNorm statistic drawn at random (zero-initialised layers would hide
+  errors); norm scales around `norm_scale` (1 keeps the signal of a deep transformer stack,
+  0 keeps a deep ResNet's activations small)."""
   generator = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, tensor in module.state_dict().items():
       if tensor.dtype.is_floating_point:
         values = torch.randn(tensor.shape, generator=generator) * 0.1
-        tensor.copy_(values.abs() + 0.5 if name.endswith('running_var') else values)
+        if name.endswith('running_var'):
+          values = values.abs() + 0.5
+        elif name.endswith('weight') and tensor.ndim == 1:
+          values = values + norm_scale
+        tensor.copy_(values)
   return module.eval()
 
 
@@ -143,27 +149,30 @@ def hf_to_flax(state_dict):
   return flax.traverse_util.unflatten_dict({tuple(k.split('/')): jnp.asarray(v) for k, v in flat.items()})
 
 
+# A ResNet-18 backbone keeps the test fast (ResNet-50's bottlenecks are checked against torchvision above).
 TINY = dict(num_queries=10, hidden_dim=64, mask_dim=64, num_heads=8, ffn_dim=128, dec_layers=6, enc_layers=2,
-            enc_ffn_dim=128, enc_points=4, backbone_depth=50, backbone_width=16)
+            enc_ffn_dim=128, enc_points=4, backbone_depth=18, backbone_width=16)
 
 
 def transformers_mask2former(torch, seed):
   transformers = pytest.importorskip('transformers')
+  kind, depths = resnet.BLOCKS[TINY['backbone_depth']]
+  expansion = 4 if kind == 'bottleneck' else 1
   backbone = transformers.ResNetConfig(
-      embedding_size=TINY['backbone_width'], hidden_sizes=[TINY['backbone_width'] * 4 * 2**k for k in range(4)],
-      depths=list(resnet.BLOCKS[50][1]), layer_type='bottleneck', out_features=['stage1', 'stage2', 'stage3', 'stage4'])
+      embedding_size=TINY['backbone_width'], hidden_sizes=[TINY['backbone_width'] * expansion * 2**k for k in range(4)],
+      depths=list(depths), layer_type=kind, out_features=['stage1', 'stage2', 'stage3', 'stage4'])
   config = transformers.Mask2FormerConfig(
       backbone_config=backbone, feature_size=TINY['hidden_dim'], mask_feature_size=TINY['mask_dim'],
       hidden_dim=TINY['hidden_dim'], num_attention_heads=TINY['num_heads'], dim_feedforward=TINY['ffn_dim'],
       encoder_feedforward_dim=TINY['enc_ffn_dim'], encoder_layers=TINY['enc_layers'],
       decoder_layers=TINY['dec_layers'] + 1,  # counts the initial queries' prediction
       num_queries=TINY['num_queries'], num_labels=1, output_auxiliary_logits=True)
-  return randomised(transformers.Mask2FormerForUniversalSegmentation(config), torch, seed)
+  return randomised(transformers.Mask2FormerForUniversalSegmentation(config), torch, seed, norm_scale=1.0)
 
 
 def test_mask2former_matches_transformers_pixel_decoder_and_every_prediction():
   torch = import_torch()
-  net = transformers_mask2former(torch, seed=1)
+  net = transformers_mask2former(torch, seed=5)
   params = hf_to_flax(net.state_dict())
   images = np.random.default_rng(1).uniform(0, 255, size=(2, 64, 96, 3)).astype(np.float32)
   model = mask2former.Mask2Former(**TINY)
@@ -180,6 +189,14 @@ def test_mask2former_matches_transformers_pixel_decoder_and_every_prediction():
   wanted = [(a['class_queries_logits'], a['masks_queries_logits']) for a in out.auxiliary_logits]
   wanted.append((out.class_queries_logits, out.masks_queries_logits))
   assert len(predictions) == len(wanted) == TINY['dec_layers'] + 1
+  # The weights exercise masked attention: masks that cover part of a level, masks that are empty
+  # (the query attends everywhere), and no logit so near 0 that rounding could flip it.
+  sizes = [level.shape[-2:] for level in out.pixel_decoder_hidden_states]
+  resized = [torch.nn.functional.interpolate(mask, sizes[i % len(sizes)], mode='bilinear', align_corners=False)
+             for i, (_, mask) in enumerate(wanted[:-1])]
+  assert all(0 < (z >= 0).float().mean() < 1 for z in resized)
+  assert sum(int((z < 0).flatten(2).all(-1).sum()) for z in resized) > 0
+  assert min(float(z.abs().min()) for z in resized) > 1e-4
   for i, ((got_class, got_mask), (want_class, want_mask)) in enumerate(zip(predictions, wanted)):
     np.testing.assert_allclose(np.asarray(got_class), want_class.numpy(), atol=1e-4, err_msg=f'classes {i}')
     np.testing.assert_allclose(np.asarray(got_mask), want_mask.numpy(), atol=1e-4, err_msg=f'masks {i}')
