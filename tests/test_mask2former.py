@@ -73,7 +73,7 @@ def test_resnet50_matches_torchvision_stage_outputs():
   net = randomised(torchvision.models.resnet50(num_classes=8), torch, seed=0)
   params = frozen_backbone({k: v.numpy() for k, v in net.state_dict().items()})
   x = np.random.default_rng(0).uniform(-1, 1, size=(2, 64, 96, 3)).astype(np.float32)
-  got = resnet.ResNet(num_outputs=None, depth=50, norm='frozen').apply({'params': params}, x)
+  got = jax.jit(resnet.ResNet(num_outputs=None, depth=50, norm='frozen').apply)({'params': params}, x)  # compiles faster than eager
   with torch.no_grad():
     h = net.maxpool(net.relu(net.bn1(net.conv1(torch.from_numpy(x.transpose(0, 3, 1, 2))))))
     for stage in range(4):
@@ -176,7 +176,8 @@ def test_mask2former_matches_transformers_pixel_decoder_and_every_prediction():
   params = hf_to_flax(net.state_dict())
   images = np.random.default_rng(1).uniform(0, 255, size=(2, 64, 96, 3)).astype(np.float32)
   model = mask2former.Mask2Former(**TINY)
-  predictions, state = model.apply({'params': params}, images, capture_intermediates=True)
+  apply = jax.jit(lambda variables, x: model.apply(variables, x, capture_intermediates=True))
+  predictions, state = apply({'params': params}, images)
   mask_features, levels = state['intermediates']['pixel_decoder']['__call__'][0]
 
   normalised = (images - np.float32(mask2former.PIXEL_MEAN)) / np.float32(mask2former.PIXEL_STD)
