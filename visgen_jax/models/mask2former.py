@@ -44,6 +44,7 @@ ENCODER_LEVELS = ('res5', 'res4', 'res3')  # the deformable encoder's and the de
 _LAYER_NORM = dict(epsilon=1e-5)  # torch's LayerNorm
 # detectron2's c2_xavier_fill (kaiming_uniform with a=1) for the pixel decoder's convs.
 _C2_XAVIER = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
+_XAVIER = nn.initializers.xavier_uniform()
 
 
 def grid_sample(values, grid):
@@ -114,6 +115,19 @@ def resize_bilinear(x, hw):
   return jax.image.resize(x, (*x.shape[:-2], *hw), 'linear', antialias=False)
 
 
+def _offset_star(heads: int, levels: int, points: int):
+  """Deformable DETR's start for the sampling offsets' bias: head h looks along direction
+  2πh/heads (scaled onto the unit square's border), its points at 1, 2, ... level pixels."""
+  def init(key, shape, dtype=jnp.float32):
+    del key  # deterministic
+    angles = np.arange(heads, dtype=np.float32) * np.float32(2 * math.pi / heads)
+    directions = np.stack([np.cos(angles), np.sin(angles)], -1)
+    directions /= np.abs(directions).max(-1, keepdims=True)
+    star = directions[:, None, None] * np.arange(1, points + 1, dtype=np.float32)[:, None]
+    return jnp.asarray(np.broadcast_to(star, (heads, levels, points, 2)).reshape(shape), dtype)
+  return init
+
+
 class DeformableAttention(nn.Module):
   """MSDeformAttn: queries sample `points` offsets around their reference point on every level."""
   num_heads: int
@@ -124,15 +138,16 @@ class DeformableAttention(nn.Module):
     """query [B, Q, C]; reference [Q, 2] (x, y) in [0, 1]; memory [B, S, C] over `shapes`."""
     b, q, c = query.shape
     levels, heads, points = len(shapes), self.num_heads, self.points
-    offsets = dense(heads * levels * points * 2, name='sampling_offsets')(query)
+    offsets = nn.Dense(heads * levels * points * 2, kernel_init=nn.initializers.zeros,
+                       bias_init=_offset_star(heads, levels, points), name='sampling_offsets')(query)
     offsets = offsets.reshape(b, q, heads, levels, points, 2)
-    weights = dense(heads * levels * points, name='attention_weights')(query).reshape(b, q, heads, levels * points)
-    weights = jax.nn.softmax(weights, axis=-1).reshape(b, q, heads, levels, points)
-    value = dense(c, name='value_proj')(memory).reshape(b, -1, heads, c // heads)
+    weights = dense(heads * levels * points, zero_init=True, name='attention_weights')(query)
+    weights = jax.nn.softmax(weights.reshape(b, q, heads, levels * points), axis=-1).reshape(b, q, heads, levels, points)
+    value = nn.Dense(c, kernel_init=_XAVIER, name='value_proj')(memory).reshape(b, -1, heads, c // heads)
     normaliser = jnp.asarray([(w, h) for h, w in shapes], jnp.float32)[:, None]  # offsets are in level pixels
     locations = reference[None, :, None, None, None] + offsets / normaliser
     out = multi_scale_deformable_attention(value, shapes, locations, weights)
-    return dense(c, name='output_proj')(out)
+    return nn.Dense(c, kernel_init=_XAVIER, name='output_proj')(out)
 
 
 class DeformableEncoderLayer(nn.Module):
