@@ -24,6 +24,11 @@ have no parameters. The backbone has torchvision's names (visgen_jax.models.resn
 conv1, bn1, layer1_0/conv1 ..., downsample_0/1), its norms frozen (resnet.FROZEN_NORMS);
 detectron2's `backbone.stem.conv1[.norm]` is conv1/bn1, `backbone.resK.N.convM[.norm]` is
 layer{K-1}_N/convM (bnM), `shortcut[.norm]` is downsample_0 (downsample_1).
+
+MaskCLIP's released proposal network (mlpc-ucsd/MaskCLIP, mask_proposal_network.pth) has no
+class head: its decoder leaves `class_embed` out and its inference feeds all Q final masks to
+MaskCLIP. Its checkpoint has no `predictor.class_embed.*`; with those weights the class logits
+(an untrained head) mean nothing, and proposals are all queries' masks.
 """
 
 import math
