@@ -147,7 +147,8 @@ class DeformableAttention(nn.Module):
                        bias_init=_offset_star(heads, levels, points), name='sampling_offsets')(query)
     offsets = offsets.reshape(b, q, heads, levels, points, 2)
     weights = dense(heads * levels * points, zero_init=True, name='attention_weights')(query)
-    weights = jax.nn.softmax(weights.reshape(b, q, heads, levels * points), axis=-1).reshape(b, q, heads, levels, points)
+    weights = jax.nn.softmax(weights.reshape(b, q, heads, levels * points), axis=-1)
+    weights = weights.reshape(b, q, heads, levels, points)
     value = nn.Dense(c, kernel_init=_XAVIER, name='value_proj')(memory).reshape(b, -1, heads, c // heads)
     normaliser = jnp.asarray([(w, h) for h, w in shapes], jnp.float32)[:, None]  # offsets are in level pixels
     locations = reference[None, :, None, None, None] + offsets / normaliser
@@ -177,7 +178,8 @@ class DeformableEncoder(nn.Module):
   @nn.compact
   def __call__(self, x, pos, reference, shapes):
     for i in range(self.layers):
-      x = DeformableEncoderLayer(self.num_heads, self.points, self.ffn_dim, name=f'layers_{i}')(x, pos, reference, shapes)
+      layer = DeformableEncoderLayer(self.num_heads, self.points, self.ffn_dim, name=f'layers_{i}')
+      x = layer(x, pos, reference, shapes)
     return x
 
 
