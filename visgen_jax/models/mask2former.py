@@ -11,7 +11,8 @@ Parameter names follow detectron2's Mask2Former (`sem_seg_head.pixel_decoder.*`,
 `sem_seg_head.predictor.*`) so a checkpoint converts mechanically: drop `sem_seg_head.`,
 turn `.N` (an index) into `_N` and the other dots into `/`; leaves: Linear/Conv
 `weight` → `kernel` (transposed to [in, out] / HWIO), norm `weight` → `scale`,
-`bias` → `bias`, nn.Embedding `weight` → `embedding`; and two exceptions:
+`bias` → `bias`, `running_mean`/`running_var` → `mean`/`var`, nn.Embedding `weight` →
+`embedding`; and two exceptions:
 - nn.MultiheadAttention's `in_proj_weight`/`in_proj_bias` split in thirds into the Dense
   layers `q_proj`, `k_proj`, `v_proj` (`out_proj` as it is);
 - `pixel_decoder.transformer.level_embed` (an nn.Parameter) → `pixel_decoder/transformer/level_embed`.
