@@ -5,7 +5,9 @@ donated step updates it. Randomness inside the step is `fold_in(key, step)`, the
 data position is saved with the state, so a resumed run computes exactly what an
 uninterrupted run computes. Parameters that `config.frozen` matches get no
 gradient, optimizer moments or EMA copy (optax.MaskedNode in their place); a
-fresh run starts from `config.init_from` (visgen_jax.train.weights).
+fresh run starts from `config.init_from` (visgen_jax.train.weights). With
+optimizer.ema_decay = 0 no EMA copy is kept at all: sampling, evaluation and
+init_from sources with use_ema then take the raw parameters, which such an EMA equals.
 
 Model state (e.g. BatchNorm statistics): the top-level params keys a system
 names in `System.state_keys` are not trained. They get no gradient, optimizer
@@ -98,17 +100,23 @@ def setup(config) -> Setup:
   weights.check_frozen(config.frozen, params)
   unfrozen = weights.trainable_mask(params, config.frozen)
   trainable = dict(unfrozen, **{k: jax.tree.map(lambda _: False, unfrozen[k]) for k in system.state_keys})
-  abstract = jax.eval_shape(lambda k, b: _init_state(system, tx, trainable, k, b), root, example)
+  abstract = jax.eval_shape(lambda k, b: _init_state(system, tx, trainable, k, b, _keeps_ema(config)),
+                            root, example)
   shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
   evaluators = build_evaluators(config, system)
   return Setup(config, system, mesh, tx, lr, trainable, unfrozen, abstract, shardings, root, evaluators)
 
 
-def _init_state(system, tx, trainable, key, batch):
+def _keeps_ema(config) -> bool:
+  # An EMA of decay 0 is the raw parameters: no copy is kept (inference merges the raw ones in).
+  return config.optimizer.ema_decay > 0
+
+
+def _init_state(system, tx, trainable, key, batch, keep_ema=True):
   params = system.init(key, batch)
   train_params = weights.only(params, trainable)
-  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(train_params),
-          'ema_params': train_params}
+  ema = train_params if keep_ema else jax.tree.map(lambda _: optax.MaskedNode(), train_params)
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(train_params), 'ema_params': ema}
 
 
 def _cast(tree, dtype):
@@ -136,7 +144,8 @@ def make_train_step(s: Setup):
     (value, (aux, *updated)), grads = jax.value_and_grad(loss, has_aux=True)(train_params)
     updates, opt_state = tx.update(grads, state['opt_state'], train_params)
     train_params = optax.apply_updates(train_params, updates)
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state['ema_params'], train_params)
+    ema = (jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state['ema_params'], train_params)
+           if ema_decay else state['ema_params'])
     grad_norm = optax.tree.norm(grads)
     metrics = {'loss': value, 'grad_norm': grad_norm, 'learning_rate': s.lr(state['step']), **aux}
     params = weights.merge(train_params, state['params'])
@@ -324,7 +333,7 @@ def train(config, workdir: str):
     write_run_config(config, workdir)
     example = _global_batch(s.mesh, pipeline.example_batch(config.data, config.batch_size // jax.process_count()))
     init_key = jax.random.fold_in(s.root_key, INIT_STREAM)
-    state = jax.jit(lambda k, b: _init_state(s.system, s.tx, s.trainable, k, b),
+    state = jax.jit(lambda k, b: _init_state(s.system, s.tx, s.trainable, k, b, _keeps_ema(config)),
                     out_shardings=s.state_shardings)(init_key, example)
     if s.system.load_pretrained:
       replaced.update(_computed_start(s, state['params']))
