@@ -274,6 +274,21 @@ def write_run_config(config, workdir: str):
     vlog.save_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
 
 
+def changed_settings(config, workdir: str) -> list[str]:
+  """'config.KEY=VALUE (the run has OLD)' for each config key whose value differs from the
+  run's in workdir's config.json, model settings first (settings of the run, which never
+  change the parameters' shapes, last); [] when the workdir has no config.json."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    before = _flat_config(json.load(f))
+  now = _flat_config(config.to_dict())
+  differing = sorted((k for k in set(before) | set(now) if before.get(k) != now.get(k)),
+                     key=lambda k: (k.split('.')[0] in RUN_SETTINGS, k))
+  return [f'config.{k}={now.get(k)!r} (the run has {before.get(k)!r})' for k in differing]
+
+
 def check_same_model(s: Setup, workdir: str):
   """UserError naming the config key when the latest checkpoint under workdir was
   trained with another architecture than this config builds."""
@@ -282,19 +297,11 @@ def check_same_model(s: Setup, workdir: str):
             for p, x in jax.tree_util.tree_flatten_with_path(s.abstract_state)[0]}
   if saved == wanted:
     return
-  path = os.path.join(workdir, CONFIG_FILE)
-  differing = []
-  if os.path.isfile(path):
-    with open(path) as f:
-      before = _flat_config(json.load(f))
-    now = _flat_config(s.config.to_dict())
-    differing = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-    # Settings of the run (not of the model) last: they do not change the parameters' shapes.
-    differing.sort(key=lambda k: k.split('.')[0] in RUN_SETTINGS)
+  differing = changed_settings(s.config, workdir)
   if differing:
-    shown = '; '.join(f'config.{k}={now.get(k)!r} (the run has {before.get(k)!r})' for k in differing[:3])
-    raise UserError(f'--workdir={workdir} holds a model of another shape than this config builds: {shown}; '
-                    f'use the settings in {path} or a new workdir.')
+    raise UserError(f'--workdir={workdir} holds a model of another shape than this config builds: '
+                    f'{"; ".join(differing[:3])}; use the settings in {os.path.join(workdir, CONFIG_FILE)} '
+                    'or a new workdir.')
   name = next(k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k))
   raise UserError(f'--workdir={workdir} holds a model of another shape than this config builds ({name}: '
                   f'{saved.get(name)} in the checkpoint, {wanted.get(name)} here); use the config it was '
