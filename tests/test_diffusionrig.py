@@ -129,10 +129,27 @@ def test_stage1_stage2_and_edits_through_the_cli(tmp_path, private_cache):
   assert bad.returncode == 2 and "bad_light.npy' holds an array of shape (3, 9)" in bad.stderr
   assert not os.path.exists(os.path.join(second, 'edit'))
 
+  # Model swap: stage 1's UNet (raw, as its config samples), read as init_from reads a workdir.
+  swap_config = album_config(f'edit.model_from={first}')
+  unet = jax.eval_shape(get_system(swap_config).init, jax.random.key(0),
+                        pipeline.example_batch(swap_config.data, 2))['unet']
+  swapped = weights.flatten(diffusionrig.swapped_unet(swap_config, unet))
+  assert swapped.keys() == {n[len('unet/'):] for n in before if n.startswith('unet/')}
+  for name, value in swapped.items():
+    np.testing.assert_array_equal(value, before[f'unet/{name}'], err_msg=name)
+  # ... from a workdir of another shape: the differing keys named, nothing written.
+  wide = album_config(f'edit.model_from={first}', f'edit.input={face}', 'model.model_channels=64')
+  shapes = jax.eval_shape(get_system(wide).init, jax.random.key(0), pipeline.example_batch(wide.data, 2))
+  with pytest.raises(UserError, match=r'model_from=.* holds a UNet of another shape than this config builds '
+                                      r'\(config.model.model_channels=64 \(the run has 32\)\)'):
+    get_system(wide).commands['edit'](shapes, jax.random.key(0), str(tmp_path / 'wide'))
+  assert not (tmp_path / 'wide').exists()
+
   run_main(*edit, '--config.edit.rotate_degrees=30', f'--config.edit.code_from={other}',
-           f'--config.edit.buffers_from={other}', f'--config.edit.light_from={other}', env=env, check=True)
+           f'--config.edit.buffers_from={other}', f'--config.edit.light_from={other}',
+           f'--config.edit.model_from={first}', '--config.edit.invert=True', env=env, check=True)
   written = sorted(os.listdir(os.path.join(second, 'edit')))
-  assert written == ['face_buffer_swap.png', 'face_code_swap.png', 'face_grid.png', 'face_reconstruction.png',
-                     'face_relight_from.png', 'face_rotate30.png']
+  assert written == ['face_buffer_swap.png', 'face_code_swap.png', 'face_grid.png', 'face_model_swap.png',
+                     'face_reconstruction.png', 'face_relight_from.png', 'face_rotate30.png']
   grid = image_io.read_rgb(os.path.join(second, 'edit', 'face_grid.png'), 'grid')
-  assert grid.shape == (3 * 18 - 2, 3 * 18 - 2, 3)  # input, 3 buffers, reconstruction, 4 edits: 3x3
+  assert grid.shape == (3 * 18 - 2, 4 * 18 - 2, 3)  # input, 3 buffers, reconstruction, 5 edits: 4x3

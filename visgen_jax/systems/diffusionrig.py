@@ -1,6 +1,7 @@
 """DiffusionRig: an ADM UNet denoising x_t concatenated with physical buffers (rendered,
 normals, albedo), conditioned on a global code from a ResNet-18 of the clean image;
-ε-MSE with P2 weighting, learn_sigma=False. --mode=edit relights, swaps codes or buffers.
+ε-MSE with P2 weighting, learn_sigma=False. --mode=edit relights, swaps codes, buffers or the
+UNet (another workdir's), from a shared random noise or the input's DDIM inversion.
 
 Params: {'unet', 'encoder', 'batch_stats': {'encoder'}}; the encoder's BatchNorm
 statistics are model state (System.state_keys). Stage 2 freezes the encoder with
@@ -173,13 +174,6 @@ def _relit(example, light):
       sh_lighting.shade(example['normal'], example['albedo'], example['alpha'], light)))
 
 
-def _check_invertible(config):
-  sampler = config.sampler
-  if sampler.name != 'ddim' or sampler.eta != 0:
-    raise UserError(f'config.edit.invert=True with config.sampler.name={sampler.name!r}, config.sampler.eta='
-                    f'{sampler.eta}; DDIM inversion gives back the input only under ddim with eta=0.')
-
-
 def swapped_unet(config, unet_params):
   """The UNet of workdir config.edit.model_from (its latest checkpoint; EMA when its config samples
   with EMA) in place of `unet_params`, read through init_from's loader; UserError naming the
@@ -213,8 +207,10 @@ def run_edits(config, params, key, workdir, generate, encode, invert):
   inputs = [p for p in e.input.split(',') if p]
   if not inputs:
     raise UserError('config.edit.input is empty; give one or more images (each with its .npz buffers).')
-  if e.invert:
-    _check_invertible(config)
+  sampler = config.sampler
+  if e.invert and (sampler.name != 'ddim' or sampler.eta != 0):
+    raise UserError(f'config.edit.invert=True with config.sampler.name={sampler.name!r}, config.sampler.eta='
+                    f'{sampler.eta}; DDIM inversion gives back the input only under ddim with eta=0.')
   source = lambda name: read_example(e[name], f'config.edit.{name}', res) if e[name] else None
   light = _read_light(e.light) if e.light else None
   light_from, code_from, buffers_from = source('light_from'), source('code_from'), source('buffers_from')
@@ -245,7 +241,7 @@ def run_edits(config, params, key, workdir, generate, encode, invert):
     else:
       noise = jax.random.normal(jax.random.fold_in(key, i), (1, res, res, 3))
     outputs = np.asarray(generate(params, jnp.broadcast_to(noise, (len(edits), res, res, 3)), condition, codes))
-    if other_model:
+    if other_model is not None:
       edits.append(('model_swap', example, code))
       outputs = np.concatenate([outputs, generate(other_model, noise, condition[:1], codes[:1])])
     stem = os.path.splitext(os.path.basename(path))[0]
