@@ -100,7 +100,7 @@ def test_inverted_edits_start_from_the_noise_that_gives_back_the_input(tmp_path,
 
   config.sampler.name = 'ddpm'
   config.edit.invert = True
-  with pytest.raises(UserError, match=r"config.edit.invert=True with config.sampler.name='ddpm'"):
+  with pytest.raises(UserError, match=r"config.edit.invert=True with config.sampler.name='ddpm', eta=0.0"):
     get_system(config).commands['edit'](params, jax.random.key(2), str(tmp_path / 'ddpm'))
   assert not (tmp_path / 'ddpm').exists()
 

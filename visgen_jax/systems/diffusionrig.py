@@ -208,9 +208,10 @@ def run_edits(config, params, key, workdir, generate, encode, invert):
   if not inputs:
     raise UserError('config.edit.input is empty; give one or more images (each with its .npz buffers).')
   sampler = config.sampler
-  if e.invert and (sampler.name != 'ddim' or sampler.eta != 0):
-    raise UserError(f'config.edit.invert=True with config.sampler.name={sampler.name!r}, config.sampler.eta='
-                    f'{sampler.eta}; DDIM inversion gives back the input only under ddim with eta=0.')
+  if e.invert and (sampler.name != 'ddim' or sampler.eta != 0 or sampler.steps < 2):
+    raise UserError(f'config.edit.invert=True with config.sampler.name={sampler.name!r}, eta={sampler.eta}, '
+                    f'steps={sampler.steps}; DDIM inversion gives back the input under ddim with eta=0 and at '
+                    'least 2 steps.')
   source = lambda name: read_example(e[name], f'config.edit.{name}', res) if e[name] else None
   light = _read_light(e.light) if e.light else None
   light_from, code_from, buffers_from = source('light_from'), source('code_from'), source('buffers_from')
