@@ -28,7 +28,8 @@ from visgen_jax.models import sh_lighting
 from visgen_jax.models.adm_unet import ADMUNet, adm_layout
 from visgen_jax.models.resnet import ResNet18
 from visgen_jax.systems import System
-from visgen_jax.train import checkpoint, sharding, trainer, weights
+from visgen_jax.train import checkpoint, sharding, weights
+from visgen_jax.train import config as config_lib
 
 IN_CHANNELS = 3 + 3 * len(rig_subjects.BUFFERS)
 ENCODER_STATS = 'batch_stats/encoder/bn1/mean'  # a path config.frozen matches when it freezes the statistics
@@ -180,14 +181,14 @@ def swapped_unet(config, unet_params):
   differing config.model keys when its shapes differ."""
   given = config.edit.model_from
   where, path = f'config.edit.model_from={given!r}', os.path.abspath(os.path.expanduser(given))
-  ckpt_dir, run_config = os.path.join(path, 'checkpoints'), os.path.join(path, trainer.CONFIG_FILE)
+  ckpt_dir, run_config = os.path.join(path, 'checkpoints'), os.path.join(path, config_lib.CONFIG_FILE)
   if checkpoint.latest_step(ckpt_dir) is None or not os.path.isfile(run_config):
-    raise UserError(f'{where} is not a workdir with a finished checkpoint and its {trainer.CONFIG_FILE}; give a '
+    raise UserError(f'{where} is not a workdir with a finished checkpoint and its {config_lib.CONFIG_FILE}; give a '
                     'trained DiffusionRig workdir (e.g. another person\'s stage 2).')
   wanted = {f'params/unet/{n}': tuple(x.shape) for n, x in weights.flatten(unet_params).items()}
   saved = {n: s for n, s in checkpoint.saved_state_shapes(ckpt_dir).items() if n.startswith('params/unet/')}
   if saved != wanted:
-    differing = [c for c in trainer.changed_settings(config, path) if c.startswith('config.model.')]
+    differing = [c for c in config_lib.changed_settings(config, path) if c.startswith('config.model.')]
     name = next(n for n in sorted(set(saved) | set(wanted)) if saved.get(n) != wanted.get(n))
     shown = '; '.join(differing[:3]) or f'{name}: {saved.get(name)} there, {wanted.get(name)} here'
     raise UserError(f'{where} holds a UNet of another shape than this config builds ({shown}); give a workdir '

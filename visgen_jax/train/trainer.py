@@ -40,6 +40,7 @@ from visgen_jax.errors import TrainingDiverged, UserError
 from visgen_jax.eval import build_evaluators, registered_types
 from visgen_jax.systems import System, get_system
 from visgen_jax.train import checkpoint, sharding, weights
+from visgen_jax.train import config as config_lib
 from visgen_jax.train import logging as vlog
 
 # Independent streams from the one seed: fold_in(root, stream) then fold_in(step).
@@ -250,43 +251,10 @@ def _computed_start(s: Setup, params) -> dict:
   return {sharding.path_name(p): new for (p, old), new in zip(paths, jax.tree.leaves(loaded)) if new is not old}
 
 
-CONFIG_FILE = 'config.json'
-# Top-level config keys that never change the shapes in a checkpoint.
-RUN_SETTINGS = ('seed', 'total_steps', 'batch_size', 'log_every', 'ckpt_every', 'sample_every', 'eval_every',
-                'keep_checkpoints', 'compute_dtype', 'mesh', 'sharding_rules', 'optimizer', 'sample',
-                'sampler', 'evals', 'init_from', 'edit')
-
-
-def _flat_config(config_dict, prefix=''):
-  """{'model.channel_mult': [1, 2], ...} with JSON values (tuples as lists)."""
-  out = {}
-  for k, v in config_dict.items():
-    if isinstance(v, dict):
-      out.update(_flat_config(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = json.loads(json.dumps(v))
-  return out
-
-
 def write_run_config(config, workdir: str):
   """The resolved config as WORKDIR/config.json (process 0, atomically): the run describes itself."""
   if jax.process_index() == 0:
-    vlog.save_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
-
-
-def changed_settings(config, workdir: str) -> list[str]:
-  """'config.KEY=VALUE (the run has OLD)' for each config key whose value differs from the
-  run's in workdir's config.json, model settings first (settings of the run, which never
-  change the parameters' shapes, last); [] when the workdir has no config.json."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
-    return []
-  with open(path) as f:
-    before = _flat_config(json.load(f))
-  now = _flat_config(config.to_dict())
-  differing = sorted((k for k in set(before) | set(now) if before.get(k) != now.get(k)),
-                     key=lambda k: (k.split('.')[0] in RUN_SETTINGS, k))
-  return [f'config.{k}={now.get(k)!r} (the run has {before.get(k)!r})' for k in differing]
+    vlog.save_json(os.path.join(workdir, config_lib.CONFIG_FILE), config.to_dict())
 
 
 def check_same_model(s: Setup, workdir: str):
@@ -297,10 +265,10 @@ def check_same_model(s: Setup, workdir: str):
             for p, x in jax.tree_util.tree_flatten_with_path(s.abstract_state)[0]}
   if saved == wanted:
     return
-  differing = changed_settings(s.config, workdir)
+  differing = config_lib.changed_settings(s.config, workdir)
   if differing:
     raise UserError(f'--workdir={workdir} holds a model of another shape than this config builds: '
-                    f'{"; ".join(differing[:3])}; use the settings in {os.path.join(workdir, CONFIG_FILE)} '
+                    f'{"; ".join(differing[:3])}; use the settings in {os.path.join(workdir, config_lib.CONFIG_FILE)} '
                     'or a new workdir.')
   name = next(k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k))
   raise UserError(f'--workdir={workdir} holds a model of another shape than this config builds ({name}: '
