@@ -1,6 +1,6 @@
 """DiffusionRig stage 1: generic priors from many subjects (Adam 1e-4, batch 256, 50k steps,
-clip 1.0, no EMA in the original: the EMA copy is kept with decay 0 and not used for
-sampling; set optimizer.ema_decay and sample.use_ema to use one).
+clip 1.0, no EMA in the original: ema_decay 0 keeps no EMA copy; set optimizer.ema_decay > 0
+and sample.use_ema to use one).
 
   python -m visgen_jax.main --config=configs/diffusionrig_stage1.py:tiny --workdir=/tmp/rig1
   # then stage 2 (configs/diffusionrig_stage2.py) and edits:
@@ -9,6 +9,9 @@ sampling; set optimizer.ema_decay and sample.use_ema to use one).
   python -m visgen_jax.main --config=configs/diffusionrig_stage2.py:tiny --workdir=/tmp/rig2 --mode=edit \
       --config.init_from=/tmp/rig1 \
       --config.edit.input=face.png --config.edit.rotate_degrees=30,-30 --config.edit.code_from=other.png
+  # more edits (see diffusionrig.edit_config): edit.light=L.npy, edit.light_from=, edit.buffers_from=,
+  # edit.model_from=<another person's stage-2 workdir> (its UNet, the input's buffers and code);
+  # edit.invert=True starts every edit from the input's DDIM inversion instead of a shared random noise.
 
 Data: the built-in synthetic subjects (data.name=rig_subjects) with subject data.album_subject
 held out for stage 2.

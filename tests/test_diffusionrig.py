@@ -3,6 +3,8 @@
 
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -73,6 +75,36 @@ def test_edit_inputs_are_checked_as_datasets_are(tmp_path, private_cache):
     diffusionrig.read_example(short, 'config.edit.input', 16)
 
 
+def test_inverted_edits_start_from_the_noise_that_gives_back_the_input(tmp_path, private_cache):
+  """A UNet blind to x_t and t (its input conv's x_t channels and time embedding zeroed) predicts one ε̂
+  per buffers and code; DDIM and its inversion are then exact inverses, except that the input is taken
+  as the sampler's first level (ᾱ = 1 − 1e-4): the round trip gives back input − √(1 − ᾱ)·ε̂ ≈ input −
+  0.01·ε̂, less than one 8-bit step (2/255) for |ε̂| < 0.78 (here |ε̂| ≤ 0.44). Inverting with the relit
+  buffers or all S levels instead of S − 1 misses by more than 100 steps."""
+  face = write_example(str(tmp_path), 'face', rig_subjects.records(album_config('data.subjects=all').data)[1])
+  config = album_config(f'edit.input={face}', 'edit.rotate_degrees=30', 'edit.invert=True')
+  system = get_system(config)
+  params = jax.jit(system.init)(jax.random.key(0), pipeline.example_batch(config.data, 2))
+  unet = params['unet']
+  unet['input_blocks_0_conv']['kernel'] = unet['input_blocks_0_conv']['kernel'].at[:, :, :3].set(0)
+  unet['time_embed_1']['kernel'] = jnp.zeros_like(unet['time_embed_1']['kernel'])
+  unet['out_conv']['kernel'] = 0.01 * jax.random.normal(jax.random.key(1), unet['out_conv']['kernel'].shape)
+  errors = {}
+  for invert in (True, False):
+    config.edit.invert = invert
+    workdir = str(tmp_path / f'invert_{invert}')
+    system.commands['edit'](params, jax.random.key(2), workdir)
+    output = image_io.read_rgb(os.path.join(workdir, 'edit', 'face_reconstruction.png'), 'output')
+    errors[invert] = np.abs(output.astype(int) - image_io.read_rgb(face, 'input')).max()
+  assert errors[True] <= 1 and errors[False] > 50, errors
+
+  config.sampler.name = 'ddpm'
+  config.edit.invert = True
+  with pytest.raises(UserError, match=r"config.edit.invert=True with config.sampler.name='ddpm', eta=0.0"):
+    get_system(config).commands['edit'](params, jax.random.key(2), str(tmp_path / 'ddpm'))
+  assert not (tmp_path / 'ddpm').exists()
+
+
 def test_stage1_stage2_and_edits_through_the_cli(tmp_path, private_cache):
   env = {'VISGEN_CACHE': private_cache}
   first, second = str(tmp_path / 'stage1'), str(tmp_path / 'stage2')
@@ -97,10 +129,27 @@ def test_stage1_stage2_and_edits_through_the_cli(tmp_path, private_cache):
   assert bad.returncode == 2 and "bad_light.npy' holds an array of shape (3, 9)" in bad.stderr
   assert not os.path.exists(os.path.join(second, 'edit'))
 
+  # Model swap: stage 1's UNet (raw, as its config samples), read as init_from reads a workdir.
+  swap_config = album_config(f'edit.model_from={first}')
+  unet = jax.eval_shape(get_system(swap_config).init, jax.random.key(0),
+                        pipeline.example_batch(swap_config.data, 2))['unet']
+  swapped = weights.flatten(diffusionrig.swapped_unet(swap_config, unet))
+  assert swapped.keys() == {n[len('unet/'):] for n in before if n.startswith('unet/')}
+  for name, value in swapped.items():
+    np.testing.assert_array_equal(value, before[f'unet/{name}'], err_msg=name)
+  # ... from a workdir of another shape: the differing keys named, nothing written.
+  wide = album_config(f'edit.model_from={first}', f'edit.input={face}', 'model.model_channels=64')
+  shapes = jax.eval_shape(get_system(wide).init, jax.random.key(0), pipeline.example_batch(wide.data, 2))
+  with pytest.raises(UserError, match=r'model_from=.* holds a UNet of another shape than this config builds '
+                                      r'\(config.model.model_channels=64 \(the run has 32\)\)'):
+    get_system(wide).commands['edit'](shapes, jax.random.key(0), str(tmp_path / 'wide'))
+  assert not (tmp_path / 'wide').exists()
+
   run_main(*edit, '--config.edit.rotate_degrees=30', f'--config.edit.code_from={other}',
-           f'--config.edit.buffers_from={other}', f'--config.edit.light_from={other}', env=env, check=True)
+           f'--config.edit.buffers_from={other}', f'--config.edit.light_from={other}',
+           f'--config.edit.model_from={first}', '--config.edit.invert=True', env=env, check=True)
   written = sorted(os.listdir(os.path.join(second, 'edit')))
-  assert written == ['face_buffer_swap.png', 'face_code_swap.png', 'face_grid.png', 'face_reconstruction.png',
-                     'face_relight_from.png', 'face_rotate30.png']
+  assert written == ['face_buffer_swap.png', 'face_code_swap.png', 'face_grid.png', 'face_model_swap.png',
+                     'face_reconstruction.png', 'face_relight_from.png', 'face_rotate30.png']
   grid = image_io.read_rgb(os.path.join(second, 'edit', 'face_grid.png'), 'grid')
-  assert grid.shape == (3 * 18 - 2, 3 * 18 - 2, 3)  # input, 3 buffers, reconstruction, 4 edits: 3x3
+  assert grid.shape == (3 * 18 - 2, 4 * 18 - 2, 3)  # input, 3 buffers, reconstruction, 5 edits: 4x3

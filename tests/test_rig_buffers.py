@@ -1,15 +1,19 @@
-"""DiffusionRig buffer datasets: data_prep/build_buffer_dataset.py and the 'rig_folder' source."""
+"""DiffusionRig buffer datasets: data_prep/build_buffer_dataset.py (albums' mean FLAME shape
+included), the 'rig_folder' source, and stage 1 trained on one."""
 
+import json
 import os
 import re
 
 import numpy as np
 import pytest
 
+from tests.test_train import final_state
 from visgen_jax import image_io
 from visgen_jax.data import pipeline, rig_buffers, rig_subjects
 from visgen_jax.errors import UserError
 from visgen_jax.train import config as config_lib
+from visgen_jax.train import trainer, weights
 
 RES = 16
 # float16 rounding of values of magnitude <= 2 (rendered may exceed 1 a little).
@@ -38,10 +42,17 @@ def folders(tmp_path):
   return str(images), str(buffers)
 
 
-def rig_folder_config(path):
+def rig_folder_config(path, *overrides):
   return config_lib.load_config('configs/diffusionrig_stage1.py:tiny', [
       f'data.resolution={RES}', 'model.image_size=16', 'data.name=rig_folder', f'data.path={path}',
-      'data.subjects='])
+      'data.subjects=', *overrides])
+
+
+def build(folders, out, *flags):
+  """data_prep/build_buffer_dataset.py's command line, in process; exit code 0."""
+  images, buffers = folders
+  assert rig_buffers.main([f'--images={images}', f'--buffers={buffers}', f'--out={out}', f'--resolution={RES}',
+                           *flags]) == 0
 
 
 def test_a_good_pair_builds_and_reads_back_equal(folders, tmp_path):
@@ -132,3 +143,56 @@ def test_rig_folder_refuses_another_resolution(folders, tmp_path):
   config.data.resolution = 32
   with pytest.raises(UserError, match=r'data.resolution=32 does not match the \(16, 16\) images'):
     next(pipeline.make_train_iterator(config.data, local_batch_size=1, seed=0))
+
+
+def test_stage1_trains_on_a_built_buffer_dataset(folders, tmp_path):
+  for seed in range(8):
+    write_pair(*folders, f'face{seed}', *good_pair(seed))
+  out = str(tmp_path / 'ds')
+  build(folders, out)
+  workdir = str(tmp_path / 'run')
+  # The step of test_diffusionrig's stage 1 (one batch of 8 at 16², one level): compiled once per test run.
+  trainer.train(rig_folder_config(out, 'model.channel_mult=1', 'total_steps=2'), workdir)
+  step, state = final_state(workdir)
+  params = weights.flatten(state['params'])
+  assert step == 2 and np.abs(params['unet/out_conv/kernel']).max() > 0  # zero-initialised, trained
+  # The encoder's BatchNorm statistics moved from their initial 0 and 1 to the images' own.
+  assert np.abs(params['batch_stats/encoder/bn1/mean']).max() > 0
+  assert np.abs(params['batch_stats/encoder/bn1/var'] - 1).max() > 0
+
+
+def test_an_album_records_its_mean_flame_shape(folders, tmp_path, capsys):
+  image, buffers = good_pair(0)
+  fixed = {k: np.zeros(n, np.float32) for k, n in rig_buffers.FLAME_SIZES.items() if k != 'shape'}
+  shapes = np.random.default_rng(2).normal(size=(3, 100)).astype(np.float32)
+  for i, shape in enumerate(shapes):
+    write_pair(*folders, f'own{i}', image, dict(buffers, shape=shape, **fixed))
+  write_pair(*folders, 'unfitted', image, buffers)
+  out = str(tmp_path / 'own_shapes')
+  build(folders, out, '--album')
+  printed = capsys.readouterr().out
+  with open(os.path.join(out, rig_buffers.ALBUM_FILE)) as f:
+    album = json.load(f)
+  mean = shapes.mean(0)
+  np.testing.assert_allclose(album['mean_shape'], mean, rtol=1e-6)
+  for i, shape in enumerate(shapes):
+    distance = np.linalg.norm(shape - mean)
+    assert album['distance_from_mean'][f'own{i}.png'] == pytest.approx(distance, rel=1e-5)
+    assert f'own{i}.png: {distance:.4g}' in printed
+  assert album['images_without_shape'] == ['unfitted.png'] and not album['buffers_use_mean_shape']
+  assert 'export them from DECA with shape = mean_shape and rebuild' in printed
+
+  # Exported again with the recorded mean, as the faithful recipe asks: the dataset says so.
+  shape = np.asarray(album['mean_shape'], np.float32)
+  for name in os.listdir(folders[0]):
+    os.remove(os.path.join(folders[0], name))
+  for i in range(3):
+    write_pair(*folders, f'own{i}', image, dict(buffers, shape=shape, **fixed))
+  out = str(tmp_path / 'mean_shape')
+  build(folders, out, '--album')
+  with open(os.path.join(out, rig_buffers.ALBUM_FILE)) as f:
+    assert json.load(f)['buffers_use_mean_shape']
+  assert "every image's buffers use one FLAME shape" in capsys.readouterr().out
+  # Without --album (e.g. a stage-1 set of many people) there is no album file.
+  build(folders, str(tmp_path / 'not_album'))
+  assert not os.path.exists(os.path.join(tmp_path, 'not_album', rig_buffers.ALBUM_FILE))

@@ -146,6 +146,27 @@ def test_init_from_a_guided_diffusion_checkpoint_and_its_conversion(tmp_path):
     np.testing.assert_array_equal(params[name], value, err_msg=name)
 
 
+def test_an_ema_decay_of_zero_keeps_no_copy_and_inference_takes_the_raw_weights(first, tmp_path):
+  workdir = str(tmp_path / 'no_ema')
+  config = small('total_steps=2', 'optimizer.ema_decay=0.0', 'sample.use_ema=True')
+  trainer.train(config, workdir)
+  state = final_state(workdir)[1]
+  assert weights.flatten(state['ema_params']) == {}
+  params = flat(state['params'])
+  # The checkpoint is smaller than the first run's (decay 0.5) by the EMA copy.
+  saved = {w: directory_bytes(os.path.join(w, 'checkpoints', '2')) for w in (first, workdir)}
+  assert saved[first] - saved[workdir] > 0.9 * sum(v.nbytes for v in params.values())
+  # Samples, evaluations (use_ema=True) and init_from (use_ema by default) take the raw weights.
+  s = trainer.setup(config)
+  restored, step = trainer.restore_latest(s, workdir)
+  inference = {'sampling': flat(trainer._params_and_key(s, restored, step)[0]),
+               'init_from': weights.initial_weights((workdir,), config, s.abstract_state['params'])}
+  for name, got in inference.items():
+    assert got.keys() == params.keys(), name
+    for key, value in got.items():
+      np.testing.assert_array_equal(value, params[key], err_msg=f'{name}: {key}')
+
+
 def test_resuming_or_sampling_with_another_architecture_names_the_key(first):
   for mode in ('train', 'sample'):
     config = small('model.model_channels=64', 'total_steps=4')

@@ -1,7 +1,7 @@
 """DiffusionRig buffers: build a dataset of images and their physical buffers, and read it
 as the source 'rig_folder' (data.path), with the examples of 'rig_subjects'.
 
-  python data_prep/build_buffer_dataset.py --images=DIR --buffers=DIR --out=DIR --resolution=256
+  python data_prep/build_buffer_dataset.py --images=DIR --buffers=DIR --out=DIR --resolution=256 [--album]
 
 Each image `name.png|jpg|jpeg|webp` under --images (recursively) pairs with
 `name.npz` at the same relative place under --buffers, holding
@@ -17,6 +17,16 @@ as raw floats, background 0, at the image's H x W, which must be --resolution
 (nothing is resized). A pair that breaks any of this (see `check_pair`) is
 skipped and listed in the report with what is allowed; it never aborts the
 build. The dataset is written atomically (folder.write_dataset).
+
+Stage-2 albums (--album): DiffusionRig renders every album image's buffers with the album's
+mean FLAME shape (one face shape per person). This builder cannot re-render (the
+buffers come from DECA/FLAME outside this project); with --album it computes the mean of the
+images' `shape` parameters, writes it beside the records (album_shape.json: mean_shape [100],
+each image's L2 distance from it, images without FLAME parameters, and buffers_use_mean_shape:
+whether every image's shape equals the mean, i.e. the buffers were rendered with it) and
+reports the distances. For the faithful recipe, export each image's buffers from DECA with
+shape = mean_shape and rebuild. Buffers rendered with each image's own shape still train (the
+builder only reports); the dataset then records that they were not the faithful ones.
 
 Records: 'image' uint8, 'normal' / 'albedo' / 'rendered' float16 [H, W, 3],
 'alpha' float16 [H, W] (float16 halves the size; its rounding, ≤ 2.5e-4 on
@@ -48,6 +58,10 @@ STORED_AS_HALF = ('normal', 'albedo', 'rendered', 'alpha')
 UNIT_TOLERANCE = 0.02
 # Albedo from a texture model is not clamped and may overshoot [0, 1] a little.
 RANGE_MARGIN = 0.05
+ALBUM_FILE = 'album_shape.json'
+# Shapes fitted to different photos of one person differ far more; float32 copies of one mean
+# shape (a DECA export with the shape fixed) agree to rounding.
+SAME_SHAPE_TOLERANCE = 1e-5
 # `rendered` may be stored at half precision or as 8 bits of a [0, 1] image: 0.01 is above
 # both roundings and below 3/255, a visibly different shading.
 RENDER_TOLERANCE = 0.01
@@ -146,11 +160,37 @@ class BuildReport:
   num_examples: int = 0
   num_with_flame: int = 0
   skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  album: bool = False  # the images are one person's stage-2 album
+  shapes: dict = dataclasses.field(default_factory=dict)  # album only: file name -> FLAME shape or None
+
+  def album_shape(self) -> dict:
+    """ALBUM_FILE's content (see the module docstring); the album has FLAME shapes."""
+    known = {name: shape for name, shape in self.shapes.items() if shape is not None}
+    mean = np.mean(list(known.values()), axis=0)
+    distance = {name: float(np.linalg.norm(shape - mean)) for name, shape in known.items()}
+    without = [name for name, shape in self.shapes.items() if shape is None]
+    return {'mean_shape': mean.tolist(), 'distance_from_mean': distance, 'images_without_shape': without,
+            'buffers_use_mean_shape': not without and max(distance.values()) <= SAME_SHAPE_TOLERANCE}
+
+  def _album_lines(self) -> list[str]:
+    if not self.num_with_flame:
+      return ['album: no image has FLAME parameters, so the mean shape that the faithful stage 2 renders '
+              'every buffer with is unknown here.']
+    album = self.album_shape()
+    if album['buffers_use_mean_shape']:
+      return [f'album: every image\'s buffers use one FLAME shape, the mean (in {ALBUM_FILE}).']
+    return [f'album: the mean FLAME shape of {len(album["distance_from_mean"])} images is in {ALBUM_FILE}; their '
+            'buffers do not all use it: for the faithful stage-2 recipe export them from DECA with '
+            'shape = mean_shape and rebuild. Distance (L2) of each shape from the mean:',
+            *(f'  {name}: {d:.4g}' for name, d in album['distance_from_mean'].items()),
+            *(f'  {name}: no FLAME parameters' for name in album['images_without_shape'])]
 
   def summary(self) -> str:
     h, w = self.resolution
     lines = [f'{self.num_examples} images with buffers at {h}x{w} ({self.num_with_flame} with FLAME '
              f'parameters) in {self.out_dir}']
+    if self.album:
+      lines.extend(self._album_lines())
     if self.skipped:
       lines.append(f'skipped {len(self.skipped)} pairs:')
       lines.extend(f'  {name}: {reason}' for name, reason in self.skipped)
@@ -197,6 +237,8 @@ def _make_builder(data_dir, *, images_dir, buffers_dir, names, hw, report):
           report.skipped.append((name, record))
           continue
         report.num_with_flame += bool(record['flame'])
+        if report.album:
+          report.shapes[name] = record['shape'] if record['flame'] else None
         yield index, dict(record, index=index)
         index += 1
       if index == 0:
@@ -207,8 +249,10 @@ def _make_builder(data_dir, *, images_dir, buffers_dir, names, hw, report):
   return RigBuffers(data_dir=data_dir, file_format='array_record')
 
 
-def build_buffer_dataset(images_dir: str, buffers_dir: str, out_dir: str, resolution) -> BuildReport:
-  """Builds the ArrayRecord dataset `out_dir` (new or empty) from the pairs of image and .npz."""
+def build_buffer_dataset(images_dir: str, buffers_dir: str, out_dir: str, resolution,
+                         album: bool = False) -> BuildReport:
+  """Builds the ArrayRecord dataset `out_dir` (new or empty) from the pairs of image and .npz;
+  with `album`, also ALBUM_FILE (one person's stage-2 album, see the module docstring)."""
   hw = folder.parse_resolution(resolution)
   images_dir, buffers_dir, out_dir = (os.path.abspath(d) for d in (images_dir, buffers_dir, out_dir))
   for flag, path in (('images', images_dir), ('buffers', buffers_dir)):
@@ -218,15 +262,20 @@ def build_buffer_dataset(images_dir: str, buffers_dir: str, out_dir: str, resolu
   names, _ = folder.list_images(images_dir)
   if not names:
     raise UserError(f'images: no {"/".join(e[1:] for e in folder.IMAGE_EXTENSIONS)} files in {images_dir!r}.')
-  report = BuildReport(out_dir=out_dir, resolution=hw)
+  report = BuildReport(out_dir=out_dir, resolution=hw, album=album)
+
+  def files():
+    build = {'images_dir': images_dir, 'buffers_dir': buffers_dir, 'resolution': list(hw),
+             'num_examples': report.num_examples, 'num_with_flame': report.num_with_flame,
+             'skipped': report.skipped}
+    album_file = {ALBUM_FILE: report.album_shape()} if album and report.num_with_flame else {}
+    return {folder.REPORT_FILE: build, **album_file}
+
   folder.write_dataset(
       out_dir,
       lambda data_dir: _make_builder(data_dir, images_dir=images_dir, buffers_dir=buffers_dir, names=names,
                                      hw=hw, report=report),
-      lambda: {folder.REPORT_FILE: {
-          'images_dir': images_dir, 'buffers_dir': buffers_dir, 'resolution': list(hw),
-          'num_examples': report.num_examples, 'num_with_flame': report.num_with_flame,
-          'skipped': report.skipped}})
+      files)
   return report
 
 
@@ -240,9 +289,12 @@ def main(argv: Sequence[str]) -> int:
   parser.add_argument('--buffers', required=True, help='folder of name.npz beside each image name')
   parser.add_argument('--out', required=True, help='new dataset directory')
   parser.add_argument('--resolution', required=True, help="the images' size: one int (square) or H,W")
+  parser.add_argument('--album', action='store_true',
+                      help=f"one person's stage-2 album: write the mean FLAME shape ({ALBUM_FILE}) and report "
+                           'how far each image\'s shape is from it (see "Stage-2 albums" below)')
   args = parser.parse_args(argv)
   try:
-    report = build_buffer_dataset(args.images, args.buffers, args.out, args.resolution)
+    report = build_buffer_dataset(args.images, args.buffers, args.out, args.resolution, args.album)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

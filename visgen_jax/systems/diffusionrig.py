@@ -1,6 +1,7 @@
 """DiffusionRig: an ADM UNet denoising x_t concatenated with physical buffers (rendered,
 normals, albedo), conditioned on a global code from a ResNet-18 of the clean image;
-ε-MSE with P2 weighting, learn_sigma=False. --mode=edit relights, swaps codes or buffers.
+ε-MSE with P2 weighting, learn_sigma=False. --mode=edit relights, swaps codes, buffers or the
+UNet (another workdir's), from a shared random noise or the input's DDIM inversion.
 
 Params: {'unet', 'encoder', 'batch_stats': {'encoder'}}; the encoder's BatchNorm
 statistics are model state (System.state_keys). Stage 2 freezes the encoder with
@@ -10,6 +11,7 @@ training is the code it gets at inference. (The public code keeps the encoder in
 training mode and its statistics moving although it is "frozen".)
 """
 
+import json
 import os
 import re
 
@@ -26,6 +28,8 @@ from visgen_jax.models import sh_lighting
 from visgen_jax.models.adm_unet import ADMUNet, adm_layout
 from visgen_jax.models.resnet import ResNet18
 from visgen_jax.systems import System
+from visgen_jax.train import checkpoint, sharding, weights
+from visgen_jax.train import config as config_lib
 
 IN_CHANNELS = 3 + 3 * len(rig_subjects.BUFFERS)
 ENCODER_STATS = 'batch_stats/encoder/bn1/mean'  # a path config.frozen matches when it freezes the statistics
@@ -41,6 +45,8 @@ def edit_config() -> ml_collections.ConfigDict:
       rotate_degrees=(),  # relight with the input's light turned about the vertical axis
       code_from='',  # the global code of this image
       buffers_from='',  # this image's buffers
+      model_from='',  # the UNet of this workdir (another person's stage 2) with the input's buffers and code
+      invert=False,  # start every edit from the input's DDIM-inverted noise, not from a random one
   ))
 
 
@@ -107,13 +113,22 @@ def make(config) -> System:
     new_stats = updated['batch_stats'] if encoder_trains_stats else stats
     return per_example.mean(), {k: jnp.mean(v) for k, v in aux.items()}, {'batch_stats': {'encoder': new_stats}}
 
+  def denoiser(params, condition, code):
+    return lambda x_t, t: unet.apply({'params': params['unet']}, jnp.concatenate([x_t, condition], -1), t,
+                                     code=code).astype(jnp.float32)
+
   @jax.jit
   def generate(params, noise, condition, code):
     """DDIM (config.sampler) from `noise` given buffers and codes; deterministic for eta=0."""
-    denoise_fn = lambda x_t, t: unet.apply({'params': params['unet']}, jnp.concatenate([x_t, condition], -1), t,
-                                           code=code).astype(jnp.float32)
-    return samplers.sample(config.sampler.name, jax.random.key(0), denoise_fn, sample_schedule, noise,
-                           **sample_options)
+    return samplers.sample(config.sampler.name, jax.random.key(0), denoiser(params, condition, code),
+                           sample_schedule, noise, **sample_options)
+
+  @jax.jit
+  def invert(params, image, condition, code):
+    """The noise from which `generate` (DDIM, eta=0) gives back `image`: DDIM inversion to the
+    level where it starts."""
+    return samplers.ddim_invert(denoiser(params, condition, code), sample_schedule, image,
+                                num_steps=sample_schedule.num_steps - 1)
 
   def sample(params, key):
     """Reconstructions of the first config.sample.num examples of config.data from their buffers and codes."""
@@ -122,7 +137,7 @@ def make(config) -> System:
     return generate(params, noise, _condition(batch), encode(params, batch['image']))
 
   def edit(params, key, workdir):
-    run_edits(config, params, key, workdir, generate, jax.jit(encode))
+    run_edits(config, params, key, workdir, generate, jax.jit(encode), invert)
 
   return System(init=init, loss_fn=loss_fn, sample=sample, commands={'edit': edit}, state_keys=('batch_stats',))
 
@@ -160,20 +175,52 @@ def _relit(example, light):
       sh_lighting.shade(example['normal'], example['albedo'], example['alpha'], light)))
 
 
-def run_edits(config, params, key, workdir, generate, encode):
+def swapped_unet(config, unet_params):
+  """The UNet of workdir config.edit.model_from (its latest checkpoint; EMA when its config samples
+  with EMA) in place of `unet_params`, read through init_from's loader; UserError naming the
+  differing config.model keys when its shapes differ."""
+  given = config.edit.model_from
+  where, path = f'config.edit.model_from={given!r}', os.path.abspath(os.path.expanduser(given))
+  ckpt_dir, run_config = os.path.join(path, 'checkpoints'), os.path.join(path, config_lib.CONFIG_FILE)
+  if checkpoint.latest_step(ckpt_dir) is None or not os.path.isfile(run_config):
+    raise UserError(f'{where} is not a workdir with a finished checkpoint and its {config_lib.CONFIG_FILE}; give a '
+                    'trained DiffusionRig workdir (e.g. another person\'s stage 2).')
+  wanted = {f'params/unet/{n}': tuple(x.shape) for n, x in weights.flatten(unet_params).items()}
+  saved = {n: s for n, s in checkpoint.saved_state_shapes(ckpt_dir).items() if n.startswith('params/unet/')}
+  if saved != wanted:
+    differing = [c for c in config_lib.changed_settings(config, path) if c.startswith('config.model.')]
+    name = next(n for n in sorted(set(saved) | set(wanted)) if saved.get(n) != wanted.get(n))
+    shown = '; '.join(differing[:3]) or f'{name}: {saved.get(name)} there, {wanted.get(name)} here'
+    raise UserError(f'{where} holds a UNet of another shape than this config builds ({shown}); give a workdir '
+                    'trained with the same config.model.')
+  with open(run_config) as f:
+    use_ema = json.load(f)['sample']['use_ema']
+  loaded = weights.read_source({'path': path, 'use_ema': use_ema, 'where': 'config.edit.model_from'}, config)
+  return jax.tree_util.tree_map_with_path(lambda p, _: jnp.asarray(loaded[f'unet/{sharding.path_name(p)}']),
+                                          unet_params)
+
+
+def run_edits(config, params, key, workdir, generate, encode, invert):
   """WORKDIR/edit/<input>_grid.png (input, its rendered / normal / albedo buffers, each edit) and
-  <input>_<edit>.png per edit; all edits of an input start from one shared noise."""
+  <input>_<edit>.png per edit; all edits of an input start from one noise: a shared random one,
+  or with config.edit.invert the input's DDIM inversion (by this run's model, its buffers and code)."""
   e, res = config.edit, config.model.image_size
   inputs = [p for p in e.input.split(',') if p]
   if not inputs:
     raise UserError('config.edit.input is empty; give one or more images (each with its .npz buffers).')
+  sampler = config.sampler
+  if e.invert and (sampler.name != 'ddim' or sampler.eta != 0 or sampler.steps < 2):
+    raise UserError(f'config.edit.invert=True with config.sampler.name={sampler.name!r}, eta={sampler.eta}, '
+                    f'steps={sampler.steps}; DDIM inversion gives back the input under ddim with eta=0 and at '
+                    'least 2 steps.')
   source = lambda name: read_example(e[name], f'config.edit.{name}', res) if e[name] else None
   light = _read_light(e.light) if e.light else None
   light_from, code_from, buffers_from = source('light_from'), source('code_from'), source('buffers_from')
   examples = [read_example(p, 'config.edit.input', res) for p in inputs]  # every file checked before any output
-  if not any((light is not None, light_from, e.rotate_degrees, code_from, buffers_from)):
-    raise UserError('config.edit: no edit asked for; set light, light_from, rotate_degrees, code_from or '
-                    'buffers_from.')
+  if not any((light is not None, light_from, e.rotate_degrees, code_from, buffers_from, e.model_from)):
+    raise UserError('config.edit: no edit asked for; set light, light_from, rotate_degrees, code_from, '
+                    'buffers_from or model_from.')
+  other_model = dict(params, unet=swapped_unet(config, params['unet'])) if e.model_from else None
   out_dir = os.path.join(workdir, 'edit')
   for i, (path, example) in enumerate(zip(inputs, examples)):
     code = encode(params, example['image'][None])[0]
@@ -190,8 +237,15 @@ def run_edits(config, params, key, workdir, generate, encode):
     if buffers_from:
       edits.append(('buffer_swap', dict(example, **{k: buffers_from[k] for k in rig_subjects.BUFFERS}), code))
     condition = jnp.stack([jnp.concatenate([ex[k] for k in rig_subjects.BUFFERS], -1) for _, ex, _ in edits])
-    noise = jnp.broadcast_to(jax.random.normal(jax.random.fold_in(key, i), (1, res, res, 3)), (len(edits), res, res, 3))
-    outputs = np.asarray(generate(params, noise, condition, jnp.stack([c for _, _, c in edits])))
+    codes = jnp.stack([c for _, _, c in edits])
+    if e.invert:  # edits[0] is the input as it is
+      noise = invert(params, example['image'][None], condition[:1], codes[:1])
+    else:
+      noise = jax.random.normal(jax.random.fold_in(key, i), (1, res, res, 3))
+    outputs = np.asarray(generate(params, jnp.broadcast_to(noise, (len(edits), res, res, 3)), condition, codes))
+    if other_model is not None:
+      edits.append(('model_swap', example, code))
+      outputs = np.concatenate([outputs, generate(other_model, noise, condition[:1], codes[:1])])
     stem = os.path.splitext(os.path.basename(path))[0]
     shown = [example['image'], example['rendered'] * 2 - 1, example['normal'], example['albedo'] * 2 - 1]
     image_io.save_png(os.path.join(out_dir, f'{stem}_grid.png'),

@@ -11,6 +11,7 @@ naming the key and what is allowed.
 import ast
 import difflib
 import importlib.util
+import json
 import os
 import sys
 
@@ -210,3 +211,37 @@ def config_get(config, dotted_key):
   for name in dotted_key.split('.'):
     node = node[name]
   return node
+
+
+# The resolved config a run writes into its workdir (the trainer): the run describes itself.
+CONFIG_FILE = 'config.json'
+# Top-level config keys that never change the shapes in a checkpoint.
+RUN_SETTINGS = ('seed', 'total_steps', 'batch_size', 'log_every', 'ckpt_every', 'sample_every', 'eval_every',
+                'keep_checkpoints', 'compute_dtype', 'mesh', 'sharding_rules', 'optimizer', 'sample',
+                'sampler', 'evals', 'init_from', 'edit')
+
+
+def _flat_config(config_dict, prefix=''):
+  """{'model.channel_mult': [1, 2], ...} with JSON values (tuples as lists)."""
+  out = {}
+  for k, v in config_dict.items():
+    if isinstance(v, dict):
+      out.update(_flat_config(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = json.loads(json.dumps(v))
+  return out
+
+
+def changed_settings(config, workdir: str) -> list[str]:
+  """'config.KEY=VALUE (the run has OLD)' for each config key whose value differs from the
+  run's in workdir's config.json, model settings first (settings of the run, which never
+  change the parameters' shapes, last); [] when the workdir has no config.json."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    before = _flat_config(json.load(f))
+  now = _flat_config(config.to_dict())
+  differing = sorted((k for k in set(before) | set(now) if before.get(k) != now.get(k)),
+                     key=lambda k: (k.split('.')[0] in RUN_SETTINGS, k))
+  return [f'config.{k}={now.get(k)!r} (the run has {before.get(k)!r})' for k in differing]

@@ -5,7 +5,9 @@ donated step updates it. Randomness inside the step is `fold_in(key, step)`, the
 data position is saved with the state, so a resumed run computes exactly what an
 uninterrupted run computes. Parameters that `config.frozen` matches get no
 gradient, optimizer moments or EMA copy (optax.MaskedNode in their place); a
-fresh run starts from `config.init_from` (visgen_jax.train.weights).
+fresh run starts from `config.init_from` (visgen_jax.train.weights). With
+optimizer.ema_decay = 0 no EMA copy is kept at all: sampling, evaluation and
+init_from sources with use_ema then take the raw parameters, which such an EMA equals.
 
 Model state (e.g. BatchNorm statistics): the top-level params keys a system
 names in `System.state_keys` are not trained. They get no gradient, optimizer
@@ -38,6 +40,7 @@ from visgen_jax.errors import TrainingDiverged, UserError
 from visgen_jax.eval import build_evaluators, registered_types
 from visgen_jax.systems import System, get_system
 from visgen_jax.train import checkpoint, sharding, weights
+from visgen_jax.train import config as config_lib
 from visgen_jax.train import logging as vlog
 
 # Independent streams from the one seed: fold_in(root, stream) then fold_in(step).
@@ -98,17 +101,23 @@ def setup(config) -> Setup:
   weights.check_frozen(config.frozen, params)
   unfrozen = weights.trainable_mask(params, config.frozen)
   trainable = dict(unfrozen, **{k: jax.tree.map(lambda _: False, unfrozen[k]) for k in system.state_keys})
-  abstract = jax.eval_shape(lambda k, b: _init_state(system, tx, trainable, k, b), root, example)
+  abstract = jax.eval_shape(lambda k, b: _init_state(system, tx, trainable, k, b, _keeps_ema(config)),
+                            root, example)
   shardings = sharding.tree_shardings(abstract, mesh, config.sharding_rules)
   evaluators = build_evaluators(config, system)
   return Setup(config, system, mesh, tx, lr, trainable, unfrozen, abstract, shardings, root, evaluators)
 
 
-def _init_state(system, tx, trainable, key, batch):
+def _keeps_ema(config) -> bool:
+  # An EMA of decay 0 is the raw parameters: no copy is kept (inference merges the raw ones in).
+  return config.optimizer.ema_decay > 0
+
+
+def _init_state(system, tx, trainable, key, batch, keep_ema=True):
   params = system.init(key, batch)
   train_params = weights.only(params, trainable)
-  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(train_params),
-          'ema_params': train_params}
+  ema = train_params if keep_ema else jax.tree.map(lambda _: optax.MaskedNode(), train_params)
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(train_params), 'ema_params': ema}
 
 
 def _cast(tree, dtype):
@@ -136,7 +145,8 @@ def make_train_step(s: Setup):
     (value, (aux, *updated)), grads = jax.value_and_grad(loss, has_aux=True)(train_params)
     updates, opt_state = tx.update(grads, state['opt_state'], train_params)
     train_params = optax.apply_updates(train_params, updates)
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state['ema_params'], train_params)
+    ema = (jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state['ema_params'], train_params)
+           if ema_decay else state['ema_params'])
     grad_norm = optax.tree.norm(grads)
     metrics = {'loss': value, 'grad_norm': grad_norm, 'learning_rate': s.lr(state['step']), **aux}
     params = weights.merge(train_params, state['params'])
@@ -241,28 +251,10 @@ def _computed_start(s: Setup, params) -> dict:
   return {sharding.path_name(p): new for (p, old), new in zip(paths, jax.tree.leaves(loaded)) if new is not old}
 
 
-CONFIG_FILE = 'config.json'
-# Top-level config keys that never change the shapes in a checkpoint.
-RUN_SETTINGS = ('seed', 'total_steps', 'batch_size', 'log_every', 'ckpt_every', 'sample_every', 'eval_every',
-                'keep_checkpoints', 'compute_dtype', 'mesh', 'sharding_rules', 'optimizer', 'sample',
-                'sampler', 'evals', 'init_from', 'edit')
-
-
-def _flat_config(config_dict, prefix=''):
-  """{'model.channel_mult': [1, 2], ...} with JSON values (tuples as lists)."""
-  out = {}
-  for k, v in config_dict.items():
-    if isinstance(v, dict):
-      out.update(_flat_config(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = json.loads(json.dumps(v))
-  return out
-
-
 def write_run_config(config, workdir: str):
   """The resolved config as WORKDIR/config.json (process 0, atomically): the run describes itself."""
   if jax.process_index() == 0:
-    vlog.save_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
+    vlog.save_json(os.path.join(workdir, config_lib.CONFIG_FILE), config.to_dict())
 
 
 def check_same_model(s: Setup, workdir: str):
@@ -273,19 +265,11 @@ def check_same_model(s: Setup, workdir: str):
             for p, x in jax.tree_util.tree_flatten_with_path(s.abstract_state)[0]}
   if saved == wanted:
     return
-  path = os.path.join(workdir, CONFIG_FILE)
-  differing = []
-  if os.path.isfile(path):
-    with open(path) as f:
-      before = _flat_config(json.load(f))
-    now = _flat_config(s.config.to_dict())
-    differing = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-    # Settings of the run (not of the model) last: they do not change the parameters' shapes.
-    differing.sort(key=lambda k: k.split('.')[0] in RUN_SETTINGS)
+  differing = config_lib.changed_settings(s.config, workdir)
   if differing:
-    shown = '; '.join(f'config.{k}={now.get(k)!r} (the run has {before.get(k)!r})' for k in differing[:3])
-    raise UserError(f'--workdir={workdir} holds a model of another shape than this config builds: {shown}; '
-                    f'use the settings in {path} or a new workdir.')
+    raise UserError(f'--workdir={workdir} holds a model of another shape than this config builds: '
+                    f'{"; ".join(differing[:3])}; use the settings in {os.path.join(workdir, config_lib.CONFIG_FILE)} '
+                    'or a new workdir.')
   name = next(k for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k))
   raise UserError(f'--workdir={workdir} holds a model of another shape than this config builds ({name}: '
                   f'{saved.get(name)} in the checkpoint, {wanted.get(name)} here); use the config it was '
@@ -324,7 +308,7 @@ def train(config, workdir: str):
     write_run_config(config, workdir)
     example = _global_batch(s.mesh, pipeline.example_batch(config.data, config.batch_size // jax.process_count()))
     init_key = jax.random.fold_in(s.root_key, INIT_STREAM)
-    state = jax.jit(lambda k, b: _init_state(s.system, s.tx, s.trainable, k, b),
+    state = jax.jit(lambda k, b: _init_state(s.system, s.tx, s.trainable, k, b, _keeps_ema(config)),
                     out_shardings=s.state_shardings)(init_key, example)
     if s.system.load_pretrained:
       replaced.update(_computed_start(s, state['params']))
