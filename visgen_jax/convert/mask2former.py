@@ -194,6 +194,11 @@ def network_from_params(flat: Mapping[str, np.ndarray], num_heads: int = Mask2Fo
   architecture read off them; UserError (one sentence listing what is missing) when they are
   not a proposal network's. `origin` maps a name to the checkpoint key it came from."""
   what = f'{where} is not a Mask2Former proposal network'
+  absent = [f'{part}/*' for part in ('backbone', 'pixel_decoder', 'predictor')
+            if not any(name.startswith(part + '/') for name in flat)]
+  if absent:
+    raise UserError(f'{what}: it has no {", ".join(absent)} parameters (it has e.g. '
+                    f'{", ".join(sorted(flat)[:3])}).')
   try:
     fields = infer_fields(flat, num_heads)
   except KeyError as e:
