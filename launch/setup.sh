@@ -17,6 +17,8 @@ pip_install --no-deps open_clip_torch==3.3.0
 if [ "${1:-}" = "--tests" ]; then
   # torch first, pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU wheel.
   pip_install torch==2.13.0
+  # transformers (Mask2Former parity oracle) does not depend on torch: it runs on the CPU torch above.
+  pip_install transformers==5.24.0
   pip_install -e "$root[test,parity]"
   # open_clip (CLIP parity oracle) depends on torchvision and timm, whose registry builds pull a CUDA
   # torch: take them without dependencies (tests/helpers.py makes torchvision import beside CPU torch).
