@@ -161,6 +161,11 @@ def test_converter_round_trip_and_unmapped_keys(tmp_path):
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(converted)[0], jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
+  # MaskCLIP's released network has no class head: zero-filled, every query scores 0.5.
+  headless = {k: v for k, v in loaded.items() if '.class_embed.' not in k}
+  _, converted, _ = m2f_convert.convert_state_dict(headless, num_heads=model.num_heads)
+  assert not np.any(converted['predictor']['class_embed']['kernel']) and converted['predictor']['class_embed']['bias'].shape == (2,)
+
   # Missing keys are listed; a file pickling more than weights is refused in one sentence.
   del loaded['sem_seg_head.predictor.decoder_norm.weight']
   with pytest.raises(UserError, match=r'^the checkpoint is not a Mask2Former proposal network: it has no value '

@@ -123,6 +123,8 @@ def run(argv):
       fields = 'torchvision ResNet backbone'
     else:
       fields, params, unmapped = mask2former.convert_state_dict(state_dict, where=FLAGS.input)
+      if not mask2former.has_class_head(state_dict):
+        fields = dict(fields, class_head='absent in the checkpoint: zero-filled, every query scores 0.5')
     _save(output, params)
     print(json.dumps({'output': output, 'model': fields, 'unmapped': unmapped}))
     return

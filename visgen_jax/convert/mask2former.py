@@ -12,6 +12,11 @@ q_proj / k_proj / v_proj. detectron2's backbone names are first renamed to torch
 `shortcut[.norm]` → downsample_0 (downsample_1)); its FrozenBatchNorm `weight`, `bias`,
 `running_mean`, `running_var` are the frozen norms' scale, bias, mean, var.
 
+MaskCLIP's released network has no class head (its decoder leaves `class_embed` out and its
+inference feeds all Q final masks to CLIP): without `predictor.class_embed.*` keys the head is
+zero-filled with one class, so every query scores 0.5 and proposals are all queries in query
+order, as MaskCLIP uses them.
+
 A torchvision ResNet state dict (`resnet50-*.pth`) becomes {'backbone': ...} alone (its `fc` is
 not part of the network and is listed as unmapped): a start for training the proposal network.
 
@@ -38,6 +43,7 @@ from visgen_jax.models.mask2former import Mask2Former
 HEAD_PREFIX = 'sem_seg_head.'
 REQUIRED_PREFIXES = ('backbone.', 'sem_seg_head.pixel_decoder.', 'sem_seg_head.predictor.')
 _NORM_LEAVES = {'running_mean': 'mean', 'running_var': 'var'}  # FrozenBN / BatchNorm statistics
+CLASS_HEAD = 'predictor/class_embed/'
 _EMBEDDINGS = ('query_feat', 'query_embed', 'level_embed')  # the predictor's nn.Embedding modules
 _D2_BACKBONE = ((re.compile(r'stem\.conv1\.norm\.'), 'bn1.'), (re.compile(r'stem\.conv1\.'), 'conv1.'),
                 (re.compile(r'res(\d)\.(\d+)\.conv(\d)\.norm\.'), None),
@@ -218,7 +224,15 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], num_heads: int = Ma
                     f'(it has e.g. {", ".join(sorted(state_dict)[:3])}).')
   flat, origin = _convert(state_dict)
   names = {'/'.join(p): a for p, a in flat.items()}
+  if not has_class_head(state_dict):
+    hidden = np.shape(names.get('predictor/query_feat/embedding', (0, 0)))[-1]
+    names.update({CLASS_HEAD + 'kernel': np.zeros((hidden, 2), np.float32),
+                  CLASS_HEAD + 'bias': np.zeros((2,), np.float32)})
   return network_from_params(names, num_heads, where, {'/'.join(p): k for p, k in origin.items()})
+
+
+def has_class_head(state_dict: Mapping) -> bool:
+  return any(k.startswith('sem_seg_head.predictor.class_embed.') for k in state_dict)
 
 
 def is_torchvision_resnet(state_dict: Mapping) -> bool:

@@ -7,8 +7,9 @@ points (visgen_jax.segmentation.losses) on the initial queries' and every decode
 prediction, class term included (deep supervision). Images enter as RGB 0–255 (the network
 normalises them); the data source's padding (0 in [-1, 1]) is mid-grey, close to the pixel mean.
 
-A proposal's object score is 1 − p(no object), so a network with more classes (the released
-checkpoint may be a 133-class panoptic one) proposes the same way. At inference an image's
+A proposal's object score is 1 − p(no object), so a network with more classes proposes the same
+way; MaskCLIP's released network has no class head (the converter zero-fills it): every query
+scores 0.5 and the proposals are the first top-k queries, all 100 by default, as MaskCLIP uses them. At inference an image's
 longer side is resized to the input size (padded bottom / right to a square), the top-k masks by
 object score above a threshold are upsampled to the padded input, cropped to the image and
 resized to its own size (Mask2Former's sem_seg_postprocess).
