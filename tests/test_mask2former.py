@@ -73,7 +73,8 @@ def test_resnet50_matches_torchvision_stage_outputs():
   net = randomised(torchvision.models.resnet50(num_classes=8), torch, seed=0)
   params = frozen_backbone({k: v.numpy() for k, v in net.state_dict().items()})
   x = np.random.default_rng(0).uniform(-1, 1, size=(2, 64, 96, 3)).astype(np.float32)
-  got = jax.jit(resnet.ResNet(num_outputs=None, depth=50, norm='frozen').apply)({'params': params}, x)  # compiles faster than eager
+  model = resnet.ResNet(num_outputs=None, depth=50, norm='frozen')
+  got = jax.jit(model.apply)({'params': params}, x)  # compiling is faster than running eagerly
   with torch.no_grad():
     h = net.maxpool(net.relu(net.bn1(net.conv1(torch.from_numpy(x.transpose(0, 3, 1, 2))))))
     for stage in range(4):
@@ -82,7 +83,7 @@ def test_resnet50_matches_torchvision_stage_outputs():
                                  err_msg=f'res{stage + 2}')
 
 
-# transformers' parameter names → ours (FLAX_LEAVES then renames the leaves).
+# transformers' parameter names → ours (hf_to_flax then renames the leaves).
 HF_RENAMES = [
     (r'^model\.pixel_level_module\.encoder\.embedder\.embedder\.convolution', 'backbone/conv1'),
     (r'^model\.pixel_level_module\.encoder\.embedder\.embedder\.normalization', 'backbone/bn1'),

@@ -11,7 +11,8 @@ Parameter names follow detectron2's Mask2Former (`sem_seg_head.pixel_decoder.*`,
 `sem_seg_head.predictor.*`) so a checkpoint converts mechanically: drop `sem_seg_head.`,
 turn `.N` (an index) into `_N` and the other dots into `/`; leaves: Linear/Conv
 `weight` → `kernel` (transposed to [in, out] / HWIO), norm `weight` → `scale`,
-`bias` → `bias`, nn.Embedding `weight` → `embedding`; and two exceptions:
+`bias` → `bias`, `running_mean`/`running_var` → `mean`/`var`, nn.Embedding `weight` →
+`embedding`; and two exceptions:
 - nn.MultiheadAttention's `in_proj_weight`/`in_proj_bias` split in thirds into the Dense
   layers `q_proj`, `k_proj`, `v_proj` (`out_proj` as it is);
 - `pixel_decoder.transformer.level_embed` (an nn.Parameter) → `pixel_decoder/transformer/level_embed`.
@@ -147,7 +148,8 @@ class DeformableAttention(nn.Module):
                        bias_init=_offset_star(heads, levels, points), name='sampling_offsets')(query)
     offsets = offsets.reshape(b, q, heads, levels, points, 2)
     weights = dense(heads * levels * points, zero_init=True, name='attention_weights')(query)
-    weights = jax.nn.softmax(weights.reshape(b, q, heads, levels * points), axis=-1).reshape(b, q, heads, levels, points)
+    weights = jax.nn.softmax(weights.reshape(b, q, heads, levels * points), axis=-1)
+    weights = weights.reshape(b, q, heads, levels, points)
     value = nn.Dense(c, kernel_init=_XAVIER, name='value_proj')(memory).reshape(b, -1, heads, c // heads)
     normaliser = jnp.asarray([(w, h) for h, w in shapes], jnp.float32)[:, None]  # offsets are in level pixels
     locations = reference[None, :, None, None, None] + offsets / normaliser
@@ -177,7 +179,8 @@ class DeformableEncoder(nn.Module):
   @nn.compact
   def __call__(self, x, pos, reference, shapes):
     for i in range(self.layers):
-      x = DeformableEncoderLayer(self.num_heads, self.points, self.ffn_dim, name=f'layers_{i}')(x, pos, reference, shapes)
+      layer = DeformableEncoderLayer(self.num_heads, self.points, self.ffn_dim, name=f'layers_{i}')
+      x = layer(x, pos, reference, shapes)
     return x
 
 
