@@ -155,8 +155,8 @@ def make(config) -> System:
 
   def loss_fn(params, batch, key):
     outputs = model.apply({'params': params}, to_network_input(batch['image']), train=True)
-    valid = batch['target_valid']
-    targets = (batch['target_masks'], jnp.zeros_like(batch['target_classes']), valid)  # one class
+    # Every segment is an "object": class 0.
+    targets = (batch['target_masks'], jnp.zeros_like(batch['target_classes']), batch['target_valid'])
     return losses.set_criterion(outputs, targets, key, num_classes=1, aux_class_loss=True,
                                 **loss_options)
 
