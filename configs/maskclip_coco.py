@@ -39,7 +39,9 @@ def get_config(arg=None):
       max_segments=100, max_proposals=100, proposals='auto', worker_count=0, prefetch=2))
   c.model = ml_collections.ConfigDict(dict(
       clip_preset='ViT-L-14-336-quickgelu', clip_checkpoint='', merges='', rma_layers=(6, 12, 18, 24),
-      use_rma=True, attention_impl='xla', temperature=0.01, prompt_templates=('{}',), no_object_name='other'))
+      use_rma=True, attention_impl='xla', temperature=0.01, prompt_templates=('{}',), no_object_name='other',
+      # Segment / eval without stored proposals: the proposal network's (systems/proposals.py).
+      proposal_checkpoint='', proposal_resolution=1024))
   c.loss = ml_collections.ConfigDict(dict(
       class_weight=2.0, mask_weight=5.0, dice_weight=5.0, no_object_weight=losses.NO_OBJECT_WEIGHT,
       num_points=losses.NUM_POINTS, oversample_ratio=losses.OVERSAMPLE_RATIO,
@@ -64,6 +66,6 @@ def tiny(c):
   c.log_every = 5
   c.ckpt_every = 10
   c.data.update(name=seg_data.SAMPLE_NAME, resolution=64, max_segments=8, max_proposals=8)
-  c.model.update(clip_preset='tiny', rma_layers=(2, 4))
+  c.model.update(clip_preset='tiny', rma_layers=(2, 4), proposal_resolution=64)
   c.loss.num_points = 256
   c.inference.topk = 10

@@ -26,6 +26,13 @@ printed as JSON; build the model with `visgen_jax.models.clip.clip_model(config)
 --kind=inception reads pytorch-fid's FID Inception weights into
 `visgen_jax.models.inception.InceptionV3` params; DIR then serves as --inception of
 `python -m visgen_jax.fid` and the fid evaluator on machines without torch.
+
+  python -m visgen_jax.convert --kind=mask2former --input=mask_proposal_network.pth --output=DIR
+
+--kind=mask2former reads a detectron2 Mask2Former checkpoint (MaskCLIP's proposal network) into
+`visgen_jax.models.mask2former.Mask2Former` params (fields read off the weights, printed), or a
+torchvision ResNet state dict into its {'backbone'} params; keys it cannot map are printed. DIR
+then serves as config.model.proposal_checkpoint of MaskCLIP or as config.init_from.
 """
 
 import json
@@ -36,7 +43,7 @@ from absl import flags
 from visgen_jax import cli
 from visgen_jax.errors import UserError, for_setting
 
-KINDS = ('guided_diffusion', 'clip', 'inception')
+KINDS = ('guided_diffusion', 'clip', 'inception', 'mask2former')
 
 flags.DEFINE_enum('kind', 'guided_diffusion', KINDS, 'Checkpoint format of --input.')
 flags.DEFINE_string('input', None, 'PyTorch state dict file (.pt) to convert.')
@@ -104,6 +111,22 @@ def run(argv):
     from visgen_jax.convert import inception
     _save(output, inception.load_inception(FLAGS.input, '--input'))
     print(json.dumps({'output': output, 'model': 'InceptionV3'}))
+    return
+  if FLAGS.kind == 'mask2former':
+    if clip_only or other_only or _overrides:
+      raise UserError(f'{", ".join(clip_only + other_only) or "--config.*"} do not apply to '
+                      '--kind=mask2former, which reads only --input.')
+    from visgen_jax.convert import mask2former
+    state_dict = mask2former.load_state_dict(FLAGS.input)
+    if mask2former.is_torchvision_resnet(state_dict):
+      params, unmapped = mask2former.convert_torchvision_resnet(state_dict, FLAGS.input)
+      fields = 'torchvision ResNet backbone'
+    else:
+      fields, params, unmapped = mask2former.convert_state_dict(state_dict, where=FLAGS.input)
+      if not mask2former.has_class_head(state_dict):
+        fields = dict(fields, class_head='absent in the checkpoint: zero-filled, every query scores 0.5')
+    _save(output, params)
+    print(json.dumps({'output': output, 'model': fields, 'unmapped': unmapped}))
     return
   if FLAGS.kind == 'clip':
     if other_only or _overrides:

@@ -197,8 +197,9 @@ def load_clip_state_dict(path: str) -> tuple[dict[str, np.ndarray], bool]:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
       raise UserError(f'{path} could not be read as a PyTorch checkpoint ({type(e).__name__}).') from None
-    if isinstance(state, Mapping) and isinstance(state.get('state_dict'), Mapping):
-      state = state['state_dict']
+    for wrapper in ('state_dict', 'model'):  # open_clip's and detectron2's wrappers
+      if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+        state = state[wrapper]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
       raise UserError(f'{path} does not hold a CLIP state dict (a mapping from names to tensors).')
     state = {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}

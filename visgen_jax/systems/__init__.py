@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 from visgen_jax.errors import UserError
 
-RECIPES = ('adm', 'patchdm', 'maskclip', 'diffusionrig', 'gen2res')
+RECIPES = ('adm', 'patchdm', 'maskclip', 'diffusionrig', 'gen2res', 'proposals')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,14 +20,23 @@ are supervised (deep supervision) with Hungarian matching and 2·CE + 5·BCE +
 
 Commands (on the latest checkpoint):
   --mode=segment --config.classes="toy rabbit,real rabbit,background" \\
-      --config.image=PATH --config.proposals=PATH.npz
+      --config.image=PATH [--config.proposals=PATH.npz]
     → WORKDIR/segment/<image name>/: overlay.png, masks/<class>.png (semantic),
       panoptic.png + panoptic.json (COCO panoptic), written atomically.
+
+Proposals come from config.proposals, else from the proposal network of
+model.proposal_checkpoint (a proposals workdir, a directory written by
+`python -m visgen_jax.convert --kind=mask2former`, or the released .pth; see
+visgen_jax/systems/proposals.py), run at model.proposal_resolution, its top
+data.max_proposals masks. With a proposal checkpoint, --mode=eval takes the
+network's proposals too (on the image as the evaluator reads it) unless
+data.proposals is 'stored' or 'gt'.
 
 Evaluation: `segmenter` feeds the 'segmentation' evaluator (visgen_jax/eval), configured in
 config.evals.seg: --mode=eval [--config.evals.seg.path=DATASET] → mIoU, PQ/SQ/RQ, mask AP.
 """
 
+import functools
 import os
 
 import jax
@@ -44,7 +53,7 @@ from visgen_jax.models import clip as clip_lib
 from visgen_jax.models.maskclip import MaskCLIP, check_rma_layers, class_embeddings, class_logits
 from visgen_jax.nn.attention import IMPLS
 from visgen_jax.segmentation import losses, results
-from visgen_jax.systems import System
+from visgen_jax.systems import System, proposals as proposals_lib
 from visgen_jax.text import tokenizer as tokenizer_lib
 from visgen_jax.train import config as config_lib
 
@@ -114,6 +123,9 @@ def validate(config):
   size = folder.parse_resolution(config.data.resolution, 'data.resolution')[0]
   with for_setting('config.data.resolution'):
     tower.grid((1, size, size, 3))
+  if m.proposal_checkpoint:
+    proposals_lib.check_checkpoint_path(m.proposal_checkpoint, 'config.model.proposal_checkpoint')
+    proposals_lib.check_input_size(m.proposal_resolution, 'config.model.proposal_resolution')
 
 
 def make(config) -> System:
@@ -153,11 +165,27 @@ def make(config) -> System:
                                 num_classes=num_classes, **loss_options)
 
   predict_jit = jax.jit(predict)
+  size = folder.parse_resolution(config.data.resolution, 'data.resolution')[0]
+
+  @functools.cache
+  def network_proposals():
+    """The proposal network of model.proposal_checkpoint: image → Proposals."""
+    return proposals_lib.load_proposer(m.proposal_checkpoint, 'config.model.proposal_checkpoint',
+                                       m.proposal_resolution, config.data.max_proposals, config)
+
+  def with_network_proposals(example):
+    h, w = example['valid_hw']
+    image = image_io.to_uint8(example['image'][:h, :w])
+    found = network_proposals()(image, 'an evaluation image')
+    return dict(example, **seg_data.inference_example(Image.fromarray(image), found, size,
+                                                      config.data.max_proposals))
 
   def segmenter(params, names):
     text = jnp.asarray(text_embeddings(m, clip_model, clip_params, names))
 
     def predict(example):
+      if m.proposal_checkpoint and config.data.proposals == 'auto':
+        example = with_network_proposals(example)
       images = jnp.asarray(example['image'])[None]
       proposals = jnp.asarray(example['proposals'])[None]
       logits, masks = jax.device_get(predict_jit(params, images, proposals, text))
@@ -170,7 +198,8 @@ def make(config) -> System:
   def segment(params, key, workdir):
     del key  # inference is deterministic
     names, is_thing, image, proposals = segment_inputs(config)
-    size = folder.parse_resolution(config.data.resolution, 'data.resolution')[0]
+    if proposals is None:
+      proposals = network_proposals()(np.asarray(image), f'config.image={config.image!r}')
     example = seg_data.inference_example(image, proposals, size, config.data.max_proposals)
     logits, masks = segmenter(params, names)(example)
     masks = results.resize_logits(masks, (image.height, image.width))
@@ -184,7 +213,8 @@ def make(config) -> System:
 
 
 def segment_inputs(config):
-  """--mode=segment's checked inputs: (class names, is_thing per class, RGB image, proposals)."""
+  """--mode=segment's checked inputs: (class names, is_thing per class, RGB image, proposals or
+  None when the proposal network is to make them)."""
   names = parse_classes(config.classes, 'config.classes')
   stuff_text = config.inference.stuff_classes
   stuff = set(parse_classes(stuff_text, 'config.inference.stuff_classes') if stuff_text else [])
@@ -195,8 +225,10 @@ def segment_inputs(config):
   if not config.image:
     raise UserError('--mode=segment needs --config.image=PATH (the image to segment).')
   image = Image.fromarray(image_io.read_rgb(config.image, 'config.image'))
-  if not config.proposals:
+  if not config.proposals and not config.model.proposal_checkpoint:
     raise UserError('--mode=segment needs --config.proposals=PATH.npz (mask proposals for the image; '
-                    'format: visgen_jax/data/segmentation/records.py).')
-  proposals = seg_data.load_proposals(config.proposals, (image.height, image.width))
+                    'format: visgen_jax/data/segmentation/records.py) or a proposal network, '
+                    '--config.model.proposal_checkpoint=DIR.')
+  proposals = (seg_data.load_proposals(config.proposals, (image.height, image.width))
+               if config.proposals else None)  # None: the proposal network's
   return names, np.array([n not in stuff for n in names]), image, proposals

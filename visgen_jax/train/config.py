@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
       eps=1e-8,
       weight_decay=0.0,
       grad_clip=1.0,  # global norm; 0 = off
+      # (regex over '/'-joined parameter paths, factor) pairs, first match wins: those parameters
+      # train at learning_rate·factor (e.g. (('^backbone/', 0.1),)); the rest at learning_rate.
+      lr_multipliers=(),
       ema_decay=0.9999,
   ))
 

@@ -26,6 +26,7 @@ written holds the last finite parameters.
 import dataclasses
 import json
 import os
+import re
 import time
 
 import jax
@@ -53,8 +54,26 @@ def _say(message: str):
     tqdm.write(message)
 
 
+def scale_by_path(multipliers):
+  """Multiplies the update of every parameter whose '/'-joined path a regex of `multipliers`
+  ((regex, factor) pairs, first match wins) matches by its factor: after adam(w) or sgd this is a
+  learning rate (and weight decay) of lr·factor for that group, as torch's per-group lr gives."""
+  compiled = [(re.compile(pattern), float(factor)) for pattern, factor in multipliers]
+
+  def factor(path):
+    name = sharding.path_name(path)
+    return next((f for pattern, f in compiled if pattern.search(name)), 1.0)
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(lambda path, u: u * factor(path), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(opt, total_steps: int):
-  """optax chain: clip -> adam(w)/sgd with warm-up and constant, linear (to 0) or cosine decay."""
+  """optax chain: clip -> adam(w)/sgd with warm-up and constant, linear (to 0) or cosine decay
+  -> per-parameter-group lr factors (opt.lr_multipliers)."""
   decay_steps = max(total_steps - opt.warmup_steps, 1)
   after = (optax.constant_schedule(opt.learning_rate) if opt.schedule == 'constant'
            else optax.linear_schedule(opt.learning_rate, 0.0, decay_steps) if opt.schedule == 'linear'
@@ -68,7 +87,8 @@ def make_optimizer(opt, total_steps: int):
   else:
     base = optax.sgd(lr, momentum=opt.b1)
   tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), base) if opt.grad_clip else base
-  return tx, lr
+  multipliers = opt.get('lr_multipliers', ())
+  return (optax.chain(tx, scale_by_path(multipliers)) if multipliers else tx), lr
 
 
 @dataclasses.dataclass
@@ -99,6 +119,7 @@ def setup(config) -> Setup:
   example = pipeline.example_batch(config.data, config.batch_size)
   params = jax.eval_shape(system.init, root, example)
   weights.check_frozen(config.frozen, params)
+  weights.check_lr_multipliers(config.optimizer.lr_multipliers, params)
   unfrozen = weights.trainable_mask(params, config.frozen)
   trainable = dict(unfrozen, **{k: jax.tree.map(lambda _: False, unfrozen[k]) for k in system.state_keys})
   abstract = jax.eval_shape(lambda k, b: _init_state(system, tx, trainable, k, b, _keeps_ema(config)),

@@ -71,6 +71,25 @@ def check_frozen(frozen_patterns, params_shapes):
     raise UserError(f'config.frozen={tuple(frozen_patterns)} freezes every parameter; nothing would train.')
 
 
+def check_lr_multipliers(multipliers, params_shapes):
+  """UserError unless config.optimizer.lr_multipliers is (regex, positive factor) pairs, each
+  regex matching some parameter."""
+  names = list(flatten(params_shapes))
+  for entry in multipliers:
+    where = f'config.optimizer.lr_multipliers entry {tuple(entry) if isinstance(entry, (list, tuple)) else entry!r}'
+    if (not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[0], str)
+        or isinstance(entry[1], bool) or not isinstance(entry[1], (int, float)) or entry[1] <= 0):
+      raise UserError(f'{where}: give (regex over parameter paths, factor > 0) pairs, e.g. '
+                      "(('^backbone/', 0.1),).")
+    try:
+      compiled = re.compile(entry[0])
+    except re.error as e:
+      raise UserError(f'{where}: {entry[0]!r} is not a regular expression ({e}).') from None
+    if not any(compiled.search(n) for n in names):
+      raise UserError(f'{where}: {entry[0]!r} matches no parameter; parameters are named like '
+                      f'{", ".join(names[:3])}.')
+
+
 def sources(init_from) -> list[dict]:
   """config.init_from as a list of complete source dicts; UserError on a malformed entry."""
   out = []
