@@ -163,7 +163,7 @@ def test_checkpoint_file_errors(tmp_path):
   with pytest.raises(UserError, match='does not exist'):
     clip_convert.load_clip_checkpoint(str(tmp_path / 'none.pt'), 'tiny')
   (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
-  with pytest.raises(UserError, match='could not be read'):
+  with pytest.raises(UserError, match='cannot be read with torch.load'):
     clip_convert.load_clip_checkpoint(str(tmp_path / 'junk.pt'), 'tiny')
   torch.save({'visual.proj': torch.zeros(2, 2)}, tmp_path / 'plain.pt')
   with pytest.raises(UserError, match='activation is not stored'):

@@ -18,6 +18,7 @@ from PIL import Image
 from tests.helpers import random_params, run_main
 from visgen_jax.bench import oracles
 from visgen_jax.convert import mask2former as m2f_convert
+from visgen_jax.convert import pytorch
 from visgen_jax.data import segmentation as seg_data
 from visgen_jax.data.segmentation import sample as seg_sample
 from visgen_jax.errors import UserError
@@ -153,7 +154,7 @@ def test_converter_round_trip_and_unmapped_keys(tmp_path):
   import torch  # pylint: disable=g-import-not-at-top
   torch.save({'model': {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
               'iteration': 2}, tmp_path / 'mask_proposal_network.pth')
-  loaded = m2f_convert.load_state_dict(str(tmp_path / 'mask_proposal_network.pth'))
+  loaded = pytorch.load_state_dict(str(tmp_path / 'mask_proposal_network.pth'))[0]
   fields, converted, unmapped = m2f_convert.convert_state_dict(loaded, num_heads=model.num_heads)
   assert fields == {k: getattr(model, k) for k in fields}
   assert unmapped == ['criterion.empty_weight']
@@ -174,7 +175,7 @@ def test_converter_round_trip_and_unmapped_keys(tmp_path):
   torch.save({'model': {'a': torch.ones(1)}, 'scheduler': optax.EmptyState()}, tmp_path / 'pickled.pth')
   with pytest.raises(UserError, match=r'cannot be read with torch.load\(weights_only=True\) \(it pickles '
                                       r'optax.*EmptyState\); this project never unpickles code'):
-    m2f_convert.load_state_dict(str(tmp_path / 'pickled.pth'))
+    pytorch.load_state_dict(str(tmp_path / 'pickled.pth'))
 
 
 def test_torchvision_resnet50_becomes_the_backbone():

@@ -4,7 +4,7 @@
     torchvision's resnet50 (weights through this project's converter), and the whole network
     (pixel decoder output and every prediction's class and mask logits) vs transformers'
     Mask2Former, with the mapping and the small configuration of the network's parity test
-    (tests/test_mask2former.py: ResNet-18 backbone, 6 decoder layers, 64×96 images).
+    (bench.oracles.MASK2FORMER_SMALL: ResNet-18 backbone, 6 decoder layers; 64×96 images).
 (2) Images/s of the Flax network vs transformers' Mask2FormerModel + heads at 512², the paper's
     architecture (ResNet-50, 256 hidden, 6 + 9 layers, 100 queries), the same random weights,
     batch 1, XLA and torch on the same threads; interleaved rounds, best of each.
@@ -61,8 +61,7 @@ def parity_residuals() -> dict:
   """Max |Flax − PyTorch| of the backbone and of the whole network (see the module docstring)."""
   torch = _torch()
   import torchvision  # pylint: disable=g-import-not-at-top
-  from tests import test_mask2former as parity  # the network's own parity helpers and mapping
-  net = parity.randomised(torchvision.models.resnet50(), torch, seed=0)
+  net = oracles.randomised(torchvision.models.resnet50(), torch, seed=0)
   params, _ = m2f_convert.convert_torchvision_resnet({k: v.numpy() for k, v in net.state_dict().items()})
   x = np.random.default_rng(0).uniform(-1, 1, size=(2, 64, 96, 3)).astype(np.float32)
   got = jax.jit(resnet.ResNet(None, 50, norm='frozen').apply)({'params': params['backbone']}, x)['res5']
@@ -71,11 +70,11 @@ def parity_residuals() -> dict:
     want = trunk(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
   result = {'parity_backbone_resnet50_vs_torchvision': float(np.abs(np.asarray(got) - want).max())}
 
-  hf = parity.transformers_mask2former(torch, seed=5)
-  model = Mask2Former(**parity.TINY)
+  hf = oracles.transformers_mask2former(torch, oracles.MASK2FORMER_SMALL, seed=5)
+  model = Mask2Former(**oracles.MASK2FORMER_SMALL)
   images = np.random.default_rng(1).uniform(0, 255, size=(2, 64, 96, 3)).astype(np.float32)
   predictions, state = jax.jit(lambda p, x: model.apply({'params': p}, x, capture_intermediates=True))(
-      parity.hf_to_flax(hf.state_dict()), images)
+      oracles.mask2former_from_transformers(hf.state_dict()), images)
   mask_features = state['intermediates']['pixel_decoder']['__call__'][0][0]
   with torch.no_grad():
     out = hf(torch.from_numpy(_normalised(images).transpose(0, 3, 1, 2)))
@@ -97,31 +96,14 @@ def _normalised(images):
 
 # --- (2) speed -----------------------------------------------------------------------------------
 
-def _paper_transformers(torch):
-  """transformers' Mask2Former of the paper's architecture (ResNet-50, 1 class), random weights."""
-  import transformers  # pylint: disable=g-import-not-at-top
-  from tests import test_mask2former as parity  # pylint: disable=g-import-not-at-top
-  fields = {f: getattr(Mask2Former, f) for f in parity.TINY}
-  kind, depths = resnet.BLOCKS[fields['backbone_depth']]
-  backbone = transformers.ResNetConfig(
-      embedding_size=fields['backbone_width'], hidden_sizes=[fields['backbone_width'] * 4 * 2**k for k in range(4)],
-      depths=list(depths), layer_type=kind, out_features=['stage1', 'stage2', 'stage3', 'stage4'])
-  config = transformers.Mask2FormerConfig(
-      backbone_config=backbone, feature_size=fields['hidden_dim'], mask_feature_size=fields['mask_dim'],
-      hidden_dim=fields['hidden_dim'], num_attention_heads=fields['num_heads'], dim_feedforward=fields['ffn_dim'],
-      encoder_feedforward_dim=fields['enc_ffn_dim'], encoder_layers=fields['enc_layers'],
-      decoder_layers=fields['dec_layers'] + 1, num_queries=fields['num_queries'], num_labels=1,
-      output_auxiliary_logits=True)
-  return parity.randomised(transformers.Mask2FormerForUniversalSegmentation(config), torch, 5, norm_scale=1.0), parity
-
-
 def speed(size=SPEED['size'], rounds=SPEED['rounds']) -> dict:
   """Seconds per 512² image, Flax vs transformers, same weights and threads (section 2)."""
   torch = _torch()
   threads = len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)
-  hf, parity = _paper_transformers(torch)
-  params = jax.device_put(parity.hf_to_flax(hf.state_dict()))
+  paper = {f: getattr(Mask2Former, f) for f in oracles.MASK2FORMER_SMALL}  # the defaults: the paper's network
+  hf = oracles.transformers_mask2former(torch, paper, seed=5)
+  params = jax.device_put(oracles.mask2former_from_transformers(hf.state_dict()))
   images = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
   forward = jax.jit(lambda p, x: Mask2Former().apply({'params': p}, x)[-1])
   pixels = torch.from_numpy(_normalised(images).transpose(0, 3, 1, 2).copy())

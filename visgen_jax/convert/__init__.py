@@ -3,7 +3,7 @@
 
 import numpy as np
 
-from visgen_jax.convert import clip, diffusionrig, guided_diffusion, mask2former
+from visgen_jax.convert import clip, diffusionrig, guided_diffusion, mask2former, pytorch
 from visgen_jax.errors import UserError
 from visgen_jax.models import clip as clip_lib
 from visgen_jax.models.adm_unet import ADMUNet
@@ -16,7 +16,7 @@ def read_foreign(path: str, config) -> dict:
   proposal network (Mask2Former's params), a torchvision ResNet ({'backbone'} of the proposal
   network) or CLIP ({'visual', 'text', 'logit_scale'}; weights do not depend on the activation, so
   none is asked for)."""
-  state_dict, _ = clip.load_clip_state_dict(path)  # reads .pt, .bin, .safetensors and TorchScript
+  state_dict, _ = pytorch.load_state_dict(path)  # reads .pt, .bin, .safetensors and TorchScript
   if 'input_blocks.0.0.weight' in state_dict:
     image_size = config.get('model', {}).get('image_size') or config.data.resolution
     fields = guided_diffusion.infer_unet_config(state_dict, int(np.max(image_size)))

@@ -116,8 +116,8 @@ def run(argv):
     if clip_only or other_only or _overrides:
       raise UserError(f'{", ".join(clip_only + other_only) or "--config.*"} do not apply to '
                       '--kind=mask2former, which reads only --input.')
-    from visgen_jax.convert import mask2former
-    state_dict = mask2former.load_state_dict(FLAGS.input)
+    from visgen_jax.convert import mask2former, pytorch
+    state_dict = pytorch.load_state_dict(FLAGS.input)[0]
     if mask2former.is_torchvision_resnet(state_dict):
       params, unmapped = mask2former.convert_torchvision_resnet(state_dict, FLAGS.input)
       fields = 'torchvision ResNet backbone'
@@ -144,9 +144,9 @@ def run(argv):
     return
   if clip_only:
     raise UserError(f'{", ".join(clip_only)} apply to --kind=clip only.')
-  from visgen_jax.convert import guided_diffusion
+  from visgen_jax.convert import guided_diffusion, pytorch
   from visgen_jax.models.adm_unet import ADMUNet
-  state_dict = guided_diffusion.load_torch_state_dict(FLAGS.input)
+  state_dict = pytorch.load_state_dict(FLAGS.input)[0]
   kwargs = _model_kwargs(state_dict)
   params = guided_diffusion.convert_unet_state_dict(state_dict, ADMUNet(**kwargs))
   _save(output, params)

@@ -14,10 +14,7 @@ The activation leaves no trace in the weights: OpenAI's models (and open_clip's
 trainings of plain names act='gelu'.
 """
 
-import os
-import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 
 import flax
@@ -25,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visgen_jax.convert import torch_layout
+from visgen_jax.convert import pytorch
 from visgen_jax.errors import UserError
 from visgen_jax.models import clip as clip_lib
 
@@ -83,7 +80,7 @@ def flax_path(key: str) -> tuple[str, ...] | None:
 def _to_flax(array: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
   if path == ('logit_scale',):  # a scalar, or [1] in some open_clip versions
     return array.reshape(())
-  return torch_layout.to_flax(array, path)
+  return pytorch.to_flax(array, path)
 
 
 def abstract_params(model):
@@ -120,7 +117,7 @@ def convert_clip_state_dict(state_dict: Mapping, model) -> dict:
                     f'not a {type(model).__name__}.')
   expected = {prefix + path: leaf for path, leaf in
               flax.traverse_util.flatten_dict(abstract_params(model)).items()}
-  flat, _ = torch_layout.map_state_dict(
+  flat, _ = pytorch.map_state_dict(
       state_dict, expected, flax_path, convert=_to_flax,
       what='the checkpoint is not an OpenAI/open_clip ViT CLIP of this preset',
       skip=lambda key: key in _IGNORED or _tower(key) not in towers)
@@ -156,58 +153,6 @@ def infer_clip_config(state_dict: Mapping, act: str) -> dict:
                 heads=text_width // 64, layers=count('transformer.resblocks.')))
 
 
-def _is_torchscript(path: str) -> bool:
-  """TorchScript archives are zips holding constants.pkl beside the pickled data."""
-  if not zipfile.is_zipfile(path):
-    return False
-  with zipfile.ZipFile(path) as archive:
-    return any(name.endswith('/constants.pkl') for name in archive.namelist())
-
-
-def load_clip_state_dict(path: str) -> tuple[dict[str, np.ndarray], bool]:
-  """(name → float32 numpy array, whether the file is an OpenAI TorchScript archive).
-
-  Reads .safetensors with `safetensors`, anything else (.pt, .bin, OpenAI's
-  TorchScript archives) with torch; unwraps {'state_dict': ...} and a 'module.'
-  prefix as open_clip does.
-  """
-  if not os.path.isfile(path):
-    raise UserError(f'CLIP checkpoint {path} does not exist.')
-  scripted = False
-  if path.endswith('.safetensors'):
-    try:
-      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      raise UserError(f'reading {path} needs safetensors; `pip install safetensors`.') from None
-    try:
-      state = load_file(path)
-    except Exception as e:  # safetensors raises its own SafetensorError on corrupt files
-      raise UserError(f'{path} could not be read as a safetensors file ({e}).') from None
-  else:
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      raise UserError(f'reading the PyTorch checkpoint {path} needs torch; install it with '
-                      '`pip install torch --index-url https://download.pytorch.org/whl/cpu`.') from None
-    scripted = _is_torchscript(path)
-    try:
-      if scripted:
-        state = torch.jit.load(path, map_location='cpu').state_dict()
-      else:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
-      raise UserError(f'{path} could not be read as a PyTorch checkpoint ({type(e).__name__}).') from None
-    for wrapper in ('state_dict', 'model'):  # open_clip's and detectron2's wrappers
-      if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-        state = state[wrapper]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-      raise UserError(f'{path} does not hold a CLIP state dict (a mapping from names to tensors).')
-    state = {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
-  if state and all(k.startswith('module.') for k in state):
-    state = {k[len('module.'):]: v for k, v in state.items()}
-  return {k: np.asarray(v, np.float32) for k, v in state.items()}, scripted
-
-
 def load_clip_checkpoint(path: str, preset: str | Mapping | None = None, *, act: str | None = None):
   """(config, params) of a CLIP checkpoint file; `clip_model(config)` builds its module.
 
@@ -217,7 +162,7 @@ def load_clip_checkpoint(path: str, preset: str | Mapping | None = None, *, act:
     act: overrides the activation. Without a preset, OpenAI's archives default to
       'quick_gelu'; other files need it stated (weights do not tell).
   """
-  state_dict, scripted = load_clip_state_dict(path)
+  state_dict, scripted = pytorch.load_state_dict(path)
   if preset is not None:
     config = clip_lib.clip_config(preset)
     if act is not None:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import flax
 import numpy as np
 
-from visgen_jax.convert import guided_diffusion, torch_layout
+from visgen_jax.convert import guided_diffusion, pytorch
 from visgen_jax.errors import UserError
 from visgen_jax.models.adm_unet import ADMUNet
 
@@ -37,7 +37,7 @@ def convert_resnet_state_dict(state_dict: Mapping[str, np.ndarray]):
     path = tuple(f'{a}_{b}' for a, b in zip(parts[::2], parts[1::2])) + ((parts[-1],) if len(parts) % 2 else ())
     array = np.asarray(value, np.float32)
     if array.ndim in (2, 4):  # conv and fc weights
-      flat['params'][path + ('kernel',)] = torch_layout.to_flax(array, ('kernel',))
+      flat['params'][path + ('kernel',)] = pytorch.to_flax(array, ('kernel',))
     elif module == 'fc':
       flat['params'][path + ('bias',)] = array
     elif leaf in _BN_LEAVES:

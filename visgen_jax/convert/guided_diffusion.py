@@ -7,8 +7,6 @@ shape is checked against the module. Keys with no counterpart are reported;
 params with no key are an error.
 """
 
-import os
-import pickle
 from collections.abc import Mapping
 
 import flax
@@ -16,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visgen_jax.convert import torch_layout
+from visgen_jax.convert import pytorch
 from visgen_jax.errors import UserError
 from visgen_jax.models.adm_unet import ADMUNet, adm_layout
 
@@ -68,7 +66,7 @@ def _convert(state_dict: Mapping[str, np.ndarray], module: ADMUNet, ignore_unmap
       return path + ('bias',)
     return next((path + (p,) for p in ('kernel', 'scale', 'embedding') if path + (p,) in expected), None)
 
-  flat, unmapped = torch_layout.map_state_dict(
+  flat, unmapped = pytorch.map_state_dict(
       state_dict, expected, flax_path, allow_unmapped=ignore_unmapped,
       what='the checkpoint is not a guided_diffusion UNetModel of this model config')
   return flax.traverse_util.unflatten_dict(flat), unmapped
@@ -84,27 +82,9 @@ def convert_unet_state_dict(state_dict: Mapping[str, np.ndarray], module: ADMUNe
   return _convert(state_dict, module, ignore_unmapped)[0]
 
 
-def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A PyTorch state dict file (.pt) as name → float32 numpy array. Needs torch."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise UserError(f'reading the PyTorch checkpoint {path} needs torch; install it with '
-                    '`pip install torch --index-url https://download.pytorch.org/whl/cpu`.') from None
-  if not os.path.isfile(path):
-    raise UserError(f'PyTorch checkpoint {path} does not exist.')
-  try:
-    state = torch.load(path, map_location='cpu', weights_only=True)
-  except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
-    raise UserError(f'{path} could not be read as a PyTorch state dict file ({type(e).__name__}).') from None
-  if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-    raise UserError(f'{path} does not hold a state dict (a mapping from names to tensors).')
-  return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
-
-
 def load_guided_diffusion_checkpoint(path: str, module: ADMUNet):
   """(params, unmapped_keys) from a guided_diffusion .pt file for `module`."""
-  return _convert(load_torch_state_dict(path), module, ignore_unmapped=True)
+  return _convert(pytorch.load_state_dict(path)[0], module, ignore_unmapped=True)
 
 
 def infer_unet_config(state_dict: Mapping[str, np.ndarray], image_size: int) -> dict:

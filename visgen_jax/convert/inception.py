@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visgen_jax.convert import torch_layout
-from visgen_jax.convert.guided_diffusion import load_torch_state_dict
+from visgen_jax.convert import pytorch
 from visgen_jax.errors import UserError
 from visgen_jax.models.inception import InceptionV3
 
@@ -56,7 +55,7 @@ def convert_inception_state_dict(state_dict: Mapping, source: str = 'the state d
   if 'Mixed_6d.branch1x1.conv.weight' not in state_dict:
     raise UserError(f'{source} is not the FID Inception (it has no Mixed_6d.branch1x1.conv.weight); '
                     f'give pytorch-fid\'s {WEIGHTS_FILE}.')
-  flat, _ = torch_layout.map_state_dict(
+  flat, _ = pytorch.map_state_dict(
       state_dict, flax.traverse_util.flatten_dict(abstract_params()), flax_path,
       what=f'{source} is not the FID Inception of pytorch-fid ({WEIGHTS_FILE})', skip=lambda k: k.endswith(_SKIPPED))
   return flax.traverse_util.unflatten_dict(flat)
@@ -82,7 +81,7 @@ def load_inception(path: str, where: str = '--inception') -> dict:
     return _from_converted(flax.traverse_util.flatten_dict(restored), f'{where}={path!r}')
   if not os.path.isfile(path):
     raise UserError(f'{where}={path!r}: no such file; give the path of pytorch-fid\'s {WEIGHTS_FILE}.')
-  return convert_inception_state_dict(load_torch_state_dict(path), f'{where}={path!r}')
+  return convert_inception_state_dict(pytorch.load_state_dict(path)[0], f'{where}={path!r}')
 
 
 def _from_converted(flat: dict, source: str) -> dict:

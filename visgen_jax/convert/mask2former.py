@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from visgen_jax.convert import pytorch
 from visgen_jax.errors import UserError
 from visgen_jax.models import resnet
 from visgen_jax.models.mask2former import Mask2Former
@@ -50,43 +51,6 @@ _D2_BACKBONE = ((re.compile(r'stem\.conv1\.norm\.'), 'bn1.'), (re.compile(r'stem
                 (re.compile(r'res(\d)\.(\d+)\.conv(\d)\.'), None),
                 (re.compile(r'res(\d)\.(\d+)\.shortcut\.norm\.'), None),
                 (re.compile(r'res(\d)\.(\d+)\.shortcut\.'), None))
-
-
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """{name: float32 array} of a .pth / .pkl weights file, unwrapping {'model': ...} (detectron2)
-  and {'state_dict': ...}; read with torch's safe loader (tensors, numpy arrays, containers)."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise UserError(f'reading {path} needs torch; install it with '
-                    '`pip install torch --index-url https://download.pytorch.org/whl/cpu`.') from None
-  numpy_types = [np._core.multiarray._reconstruct, np.ndarray, np.dtype,
-                 *{type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int64, np.int32, np.uint8)}]
-  try:
-    with torch.serialization.safe_globals(numpy_types):
-      state = torch.load(path, map_location='cpu', weights_only=True)
-  except FileNotFoundError:
-    raise UserError(f'{path}: no such checkpoint file.') from None
-  except Exception as e:  # torch raises UnpicklingError, RuntimeError, ValueError, ... for what it refuses
-    found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
-    what = f'it pickles {found.group(1)}' if found else f'{type(e).__name__}: {str(e).splitlines()[0][:120]}'
-    raise UserError(f'{path} cannot be read with torch.load(weights_only=True) ({what}); this project never '
-                    'unpickles code: if you trust the file, keep only its weights, e.g. torch.save(torch.load('
-                    'PATH, weights_only=False)["model"], "weights.pth"), and convert that.') from None
-  for wrapper in ('model', 'state_dict'):
-    if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-      state = state[wrapper]
-  if not isinstance(state, Mapping):
-    raise UserError(f'{path} holds a {type(state).__name__}, not a state dict (names → weights).')
-  arrays = {}
-  for key, value in state.items():
-    if isinstance(value, torch.Tensor):
-      value = value.detach().to(torch.float32).numpy()
-    if isinstance(value, np.ndarray):
-      arrays[key] = np.asarray(value, np.float32)
-  if not arrays:
-    raise UserError(f'{path} holds no weights (tensors or numpy arrays).')
-  return arrays
 
 
 def _torchvision_backbone_name(key: str) -> str:
@@ -132,11 +96,9 @@ def _flax_entries(key: str, array: np.ndarray) -> list[tuple[tuple[str, ...], np
     return [(path + (_NORM_LEAVES.get(leaf, leaf),), array)]
   if path[-1] in _EMBEDDINGS:
     return [(path + ('embedding',), array)]
-  if array.ndim == 4:  # Conv2d OIHW → HWIO
-    return [(path + ('kernel',), array.transpose(2, 3, 1, 0))]
-  if array.ndim == 2:  # Linear [out, in] → [in, out]
-    return [(path + ('kernel',), array.T)]
-  return [(path + ('scale',), array)]  # a norm
+  if array.ndim == 1:  # a norm
+    return [(path + ('scale',), array)]
+  return [(path + ('kernel',), pytorch.to_flax(array, ('kernel',)))]  # Conv2d or Linear
 
 
 def _convert(state_dict: Mapping[str, np.ndarray]):

@@ -11,7 +11,6 @@ training is the code it gets at inference. (The public code keeps the encoder in
 training mode and its statistics moving although it is "frozen".)
 """
 
-import json
 import os
 import re
 
@@ -181,8 +180,8 @@ def swapped_unet(config, unet_params):
   differing config.model keys when its shapes differ."""
   given = config.edit.model_from
   where, path = f'config.edit.model_from={given!r}', os.path.abspath(os.path.expanduser(given))
-  ckpt_dir, run_config = os.path.join(path, 'checkpoints'), os.path.join(path, config_lib.CONFIG_FILE)
-  if checkpoint.latest_step(ckpt_dir) is None or not os.path.isfile(run_config):
+  ckpt_dir, saved_config = os.path.join(path, 'checkpoints'), config_lib.saved_config(path)
+  if checkpoint.latest_step(ckpt_dir) is None or saved_config is None:
     raise UserError(f'{where} is not a workdir with a finished checkpoint and its {config_lib.CONFIG_FILE}; give a '
                     'trained DiffusionRig workdir (e.g. another person\'s stage 2).')
   wanted = {f'params/unet/{n}': tuple(x.shape) for n, x in weights.flatten(unet_params).items()}
@@ -193,9 +192,8 @@ def swapped_unet(config, unet_params):
     shown = '; '.join(differing[:3]) or f'{name}: {saved.get(name)} there, {wanted.get(name)} here'
     raise UserError(f'{where} holds a UNet of another shape than this config builds ({shown}); give a workdir '
                     'trained with the same config.model.')
-  with open(run_config) as f:
-    use_ema = json.load(f)['sample']['use_ema']
-  loaded = weights.read_source({'path': path, 'use_ema': use_ema, 'where': 'config.edit.model_from'}, config)
+  loaded = weights.read_source({'path': path, 'use_ema': saved_config['sample']['use_ema'],
+                                 'where': 'config.edit.model_from'}, config)
   return jax.tree_util.tree_map_with_path(lambda p, _: jnp.asarray(loaded[f'unet/{sharding.path_name(p)}']),
                                           unet_params)
 

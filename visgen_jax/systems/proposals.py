@@ -45,7 +45,7 @@ from visgen_jax.models.mask2former import Mask2Former
 from visgen_jax.segmentation import losses, results
 from visgen_jax.systems import System
 from visgen_jax.train import checkpoint, weights
-from visgen_jax.train.trainer import CONFIG_FILE
+from visgen_jax.train import config as config_lib
 
 STRIDE = 32  # the backbone's: input sides must be multiples of it
 
@@ -112,11 +112,9 @@ def load_network(path: str, where: str, config):
   when it is none of these. `config` is the calling run's (for weights.read_source)."""
   check_checkpoint_path(path, where)
   path = os.path.abspath(os.path.expanduser(path))
-  run_config = os.path.join(path, CONFIG_FILE)
+  saved = config_lib.saved_config(path)
   num_heads, use_ema = Mask2Former.num_heads, False
-  if os.path.isfile(run_config):
-    with open(run_config) as f:
-      saved = json.load(f)
+  if saved:
     num_heads, use_ema = saved['model']['num_heads'], saved['sample']['use_ema']
   flat = weights.read_source({'path': path, 'use_ema': use_ema, 'where': where}, config)
   fields, params, _ = m2f_convert.network_from_params(flat, num_heads, f'{where}={path!r}')

@@ -235,15 +235,23 @@ def _flat_config(config_dict, prefix=''):
   return out
 
 
+def saved_config(workdir: str) -> dict | None:
+  """The config (a dict) a run wrote into `workdir`, None when there is none."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def changed_settings(config, workdir: str) -> list[str]:
   """'config.KEY=VALUE (the run has OLD)' for each config key whose value differs from the
   run's in workdir's config.json, model settings first (settings of the run, which never
   change the parameters' shapes, last); [] when the workdir has no config.json."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
+  saved = saved_config(workdir)
+  if saved is None:
     return []
-  with open(path) as f:
-    before = _flat_config(json.load(f))
+  before = _flat_config(saved)
   now = _flat_config(config.to_dict())
   differing = sorted((k for k in set(before) | set(now) if before.get(k) != now.get(k)),
                      key=lambda k: (k.split('.')[0] in RUN_SETTINGS, k))
