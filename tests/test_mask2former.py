@@ -10,7 +10,6 @@ import pytest
 
 from visgen_jax import convert
 from visgen_jax.bench import oracles
-from visgen_jax.errors import UserError
 from visgen_jax.models import mask2former, resnet
 
 
@@ -100,5 +99,5 @@ def test_mask2former_matches_transformers_pixel_decoder_and_every_prediction():
 
 def test_mask2former_rejects_images_off_the_stride():
   model = mask2former.Mask2Former(**oracles.MASK2FORMER_SMALL)
-  with pytest.raises(UserError, match='multiples of 32'):
+  with pytest.raises(ValueError, match="multiples of 32"):
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 80, 3)))

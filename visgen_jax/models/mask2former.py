@@ -39,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visgen_jax.errors import UserError
 from visgen_jax.models.resnet import ResNet
 from visgen_jax.nn.attention import dot_product_attention
 from visgen_jax.nn.layers import GroupNorm32, dense
@@ -359,7 +358,7 @@ class Mask2Former(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False):
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] % 32 or images.shape[2] % 32:
-      raise UserError(f'Mask2Former takes [B, H, W, 3] RGB images with H and W multiples of 32; got shape '
+      raise ValueError(f'Mask2Former takes [B, H, W, 3] RGB images with H and W multiples of 32; got shape '
                       f'{tuple(images.shape)} (pad the images).')
     x = (images.astype(jnp.float32) - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
     features = ResNet(None, self.backbone_depth, self.backbone_width, norm='frozen', name='backbone')(x, train)

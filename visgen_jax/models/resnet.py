@@ -18,7 +18,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from visgen_jax.errors import UserError
 
 # torch's BatchNorm2d: running = 0.9 running + 0.1 batch, eps 1e-5.
 _BN = dict(momentum=0.9, epsilon=1e-5)
@@ -87,7 +86,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     if self.depth not in BLOCKS:
-      raise UserError(f'ResNet depth={self.depth} is not built; allowed: {", ".join(map(str, BLOCKS))}.')
+      raise ValueError(f'ResNet depth={self.depth} is not built; allowed: {", ".join(map(str, BLOCKS))}.')
     kind, stage_sizes = BLOCKS[self.depth]
     h = _conv(self.width, 7, 2, 'conv1')(x.astype(jnp.float32))
     h = nn.relu(_norm(self.norm, train, 'bn1')(h))

@@ -41,6 +41,7 @@ from visgen_jax.data import segmentation as seg_data
 from visgen_jax.data.segmentation import records
 from visgen_jax.errors import UserError
 from visgen_jax.eval import process_local
+from visgen_jax.models import resnet
 from visgen_jax.models.mask2former import Mask2Former
 from visgen_jax.segmentation import losses, results
 from visgen_jax.systems import System
@@ -136,6 +137,7 @@ def validate(config):
   if config.model.num_classes != 1:
     raise UserError(f'config.model.num_classes={config.model.num_classes}: proposals are '
                     'class-agnostic, every segment is one "object" class; use 1.')
+  config_lib.check_choice(config, 'model.backbone_depth', tuple(resnet.BLOCKS))
   p = config.propose
   if p.topk < 1:
     raise UserError(f'config.propose.topk={p.topk}: keep at least 1 proposal per image.')

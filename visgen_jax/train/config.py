@@ -206,7 +206,7 @@ def check_choice(config, key: str, allowed):
   """UserError unless config.<key> (dotted) is one of `allowed`."""
   value = config_get(config, key)
   if value not in allowed:
-    raise UserError(f'config.{key}={value!r} is unknown; allowed: {", ".join(allowed)}.')
+    raise UserError(f'config.{key}={value!r} is unknown; allowed: {", ".join(map(str, allowed))}.')
 
 
 def config_get(config, dotted_key):
