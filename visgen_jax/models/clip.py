@@ -102,7 +102,16 @@ def quick_gelu(x):
 def _activation(name: str) -> Callable:
   if name not in ACTIVATIONS:
     raise ValueError(f'CLIP act={name!r} is unknown; allowed: {", ".join(ACTIVATIONS)}.')
-  return quick_gelu if name == 'quick_gelu' else lambda x: jax.nn.gelu(x, approximate=False)
+  return quick_gelu if name == 'quick_gelu' else gelu
+
+
+def gelu(x):
+  """Exact (erf) GELU, x·Φ(x).
+
+  Written with erf as PyTorch computes it: `jax.nn.gelu(approximate=False)` uses
+  erfc, which XLA's CPU backend evaluates ~4× slower than erf (bench maskclip).
+  """
+  return 0.5 * x * (1 + jax.lax.erf(x * np.float32(math.sqrt(0.5))))
 
 
 def layer_norm(dtype, name=None):
