@@ -3,6 +3,8 @@
 import math
 import time
 
+import jax
+
 
 def best_time(fn, repeats: int = 3) -> float:
   """Minimum wall time of fn() (which must block until done) over `repeats` calls, after a warm-up.
@@ -16,3 +18,57 @@ def best_time(fn, repeats: int = 3) -> float:
     fn()
     best = min(best, time.perf_counter() - start)
   return best
+
+
+# Peak dense FLOP/s of one JAX device, by compute dtype, from the vendors' data sheets; keys are
+# matched (in this order) against `device_kind`. TPUs list no float32 peak: XLA runs float32
+# matmuls there as bfloat16 MXU passes. GPUs' float32 is the TF32 tensor-core peak, which is what
+# JAX's default matmul precision uses for float32 on them.
+PEAK_FLOPS_PER_S = (
+    ('TPU v4', {'bfloat16': 275e12}),
+    ('TPU v5 lite', {'bfloat16': 197e12}),  # v5e
+    ('TPU v5e', {'bfloat16': 197e12}),
+    ('TPU v5p', {'bfloat16': 459e12}),
+    ('TPU v5', {'bfloat16': 459e12}),  # v5p reports itself as 'TPU v5'
+    ('TPU v6 lite', {'bfloat16': 918e12}),  # v6e (Trillium)
+    ('TPU v6e', {'bfloat16': 918e12}),
+    ('A100', {'bfloat16': 312e12, 'float32': 156e12}),
+    ('H100 PCIe', {'bfloat16': 756e12, 'float32': 378e12}),
+    ('H100', {'bfloat16': 989e12, 'float32': 495e12}),  # SXM
+)
+
+
+def device_peak(device_kind: str, dtype: str) -> tuple[float | None, str | None]:
+  """(peak FLOP/s of one device of this kind in this dtype, None) or (None, why it is unknown)."""
+  for key, peaks in PEAK_FLOPS_PER_S:
+    if key in device_kind:
+      if dtype in peaks:
+        return peaks[dtype], None
+      return None, f'no {dtype} peak is listed for {device_kind!r} (only {", ".join(peaks)})'
+  return None, f'no peak FLOP/s is listed for device kind {device_kind!r}'
+
+
+def flops_report(jitted, args, seconds: float, dtype: str = 'float32',
+                 peak_flops_per_s: float | None = None) -> dict:
+  """FLOPs of one call of `jitted(*args)` from XLA's cost analysis, the FLOP/s achieved at
+  `seconds` per call, and the MFU against the device's peak for `dtype` (the compute dtype).
+
+  The FLOPs are per device for a program partitioned over several (XLA analyses one device's
+  share), and a loop's body is counted once: pass the function of one step, with the seconds of
+  one step. `peak_flops_per_s` overrides the table; with neither, MFU is None and 'mfu_note' says
+  why (always on CPU).
+  """
+  device = jax.devices()[0]
+  flops = float(jitted.lower(*args).compile().cost_analysis()['flops'])
+  if peak_flops_per_s is None:
+    peak_flops_per_s, note = device_peak(device.device_kind, dtype)
+  else:
+    note = None
+  achieved = flops / seconds
+  return {
+      'backend': jax.default_backend(), 'device_kind': device.device_kind, 'dtype': dtype,
+      'flops_per_step': flops, 'seconds_per_step': seconds, 'achieved_flops_per_s': achieved,
+      'peak_flops_per_s': peak_flops_per_s,
+      'mfu': None if peak_flops_per_s is None else achieved / peak_flops_per_s,
+      'mfu_note': note,
+  }
