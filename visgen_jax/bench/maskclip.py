@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from visgen_jax.bench import oracles
+from visgen_jax.bench.common import flops_report
 from visgen_jax.convert.clip import abstract_params, convert_clip_state_dict
 from visgen_jax.models import clip as clip_lib
 from visgen_jax.models.maskclip import MaskCLIP, clip_crop_features
@@ -367,6 +368,7 @@ def encoder_images_per_s(preset=ENCODER['preset'], size=ENCODER['size'], batch=E
       'max_abs_embedding': float(np.abs(theirs).max()),
       'images_per_s': {name: batch / seconds for name, seconds in best.items()},
       'ratio_flax_over_torch': best['torch'] / best['flax'],
+      'flax_flops': flops_report(encode, (params, images), best['flax']),
   }
 
 
