@@ -22,3 +22,4 @@ def test_defaults_are_added_beside_other_flags_and_never_replace_the_users():
   empty = {}
   xla_flags.apply_defaults(empty)
   assert empty['XLA_FLAGS'].split() == expected
+  assert xla_flags.without_defaults(env['XLA_FLAGS']) == '--xla_force_host_platform_device_count=2'

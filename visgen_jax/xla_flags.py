@@ -28,6 +28,16 @@ def apply_defaults(environ=os.environ) -> None:
   if not jaxlib_version.startswith(MEASURED_ON):
     return
   flags = environ.get('XLA_FLAGS', '')
-  missing = [f'--{name}={value}' for name, value in CPU_DEFAULTS.items() if f'--{name}=' not in flags]
+  missing = [flag for name, flag in _defaults() if f'--{name}=' not in flags]
   if missing:
     environ['XLA_FLAGS'] = ' '.join([flags, *missing]).strip()
+
+
+def without_defaults(flags: str) -> str:
+  """XLA_FLAGS `flags` without the project's defaults (for benches comparing with XLA's own)."""
+  ours = {flag for _, flag in _defaults()}
+  return ' '.join(flag for flag in flags.split() if flag not in ours)
+
+
+def _defaults():
+  return [(name, f'--{name}={value}') for name, value in CPU_DEFAULTS.items()]

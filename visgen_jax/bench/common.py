@@ -1,6 +1,11 @@
 """What every benchmark shares."""
 
+import collections
+import glob
 import math
+import os
+import re
+import tempfile
 import time
 
 import jax
@@ -72,3 +77,49 @@ def flops_report(jitted, args, seconds: float, dtype: str = 'float32',
       'mfu': None if peak_flops_per_s is None else achieved / peak_flops_per_s,
       'mfu_note': note,
   }
+
+
+def xla_op_profile(jitted, args, calls: int = 3, top: int = 12) -> list[dict]:
+  """Where one call of `jitted(*args)` spends its time, from a JAX profiler trace of `calls` calls.
+
+  Each compiled op (a fusion, dot, ...) is named by the source op it came from (its HLO
+  metadata), with repeated layers (`name_3`) merged into `name_*`; rows are
+  {'op', 'kind', 'ms' per call, 'share' of the ops' total}, the `top` largest. On CPU the
+  times are wall times of each op's thunk.
+  """
+  from jax._src.lib import _profile_data  # pylint: disable=g-import-not-at-top
+  compiled = jitted.lower(*args).compile()
+  source = {}
+  for match in re.finditer(r'^\s*(?:ROOT )?%(\S+) = .*?metadata=\{op_name="([^"]*)"',
+                           compiled.as_text(), re.MULTILINE):
+    source[match.group(1)] = re.sub(r'_\d+(?=[/.]|$)', '_*', match.group(2).split('/', 1)[-1])
+  jax.block_until_ready(jitted(*args))
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory):
+      for _ in range(calls):
+        jax.block_until_ready(jitted(*args))
+    trace, = glob.glob(os.path.join(directory, '**', '*.xplane.pb'), recursive=True)
+    planes = _profile_data.ProfileData.from_file(trace).planes
+  totals = collections.Counter()
+  for plane in planes:
+    for line in plane.lines:
+      for event in line.events:
+        if event.name in source or re.fullmatch(r'[\w.-]+\.\d+', event.name):
+          totals[(event.name.rsplit('.', 1)[0], source.get(event.name, event.name))] += event.duration_ns
+  everything = sum(totals.values())
+  return [{'op': op, 'kind': kind, 'ms': ns / calls / 1e6, 'share': ns / everything}
+          for (kind, op), ns in totals.most_common(top)]
+
+
+def torch_op_profile(fn, calls: int = 3, top: int = 12) -> list[dict]:
+  """torch's profiler on `calls` calls of fn(): the `top` operators by self CPU time,
+  {'op', 'ms' per call, 'share' of the total}."""
+  import torch  # pylint: disable=g-import-not-at-top
+  fn()
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+    for _ in range(calls):
+      fn()
+  rows = sorted(profile.key_averages(), key=lambda row: -row.self_cpu_time_total)
+  everything = sum(row.self_cpu_time_total for row in rows)
+  return [{'op': row.key, 'ms': row.self_cpu_time_total / calls / 1e3,
+           'share': row.self_cpu_time_total / everything} for row in rows[:top]]
