@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from visgen_jax.bench import oracles
-from visgen_jax.bench.common import best_time
+from visgen_jax.bench.common import best_time, flops_report
 from visgen_jax.convert.inception import convert_inception_state_dict
 from visgen_jax.fid.features import FeatureExtractor
 
@@ -56,4 +56,6 @@ def run() -> dict:
                        'ratio': flax_rate / torch_rate,
                        'ratio_vs_channels_last': flax_rate / channels_last_rate},
       'max_abs_pool_difference': float(np.abs(outputs['flax'] - outputs['torch']).max()),
+      # the extractor's own jitted Inception, one batch
+      'flax_flops': flops_report(extractor._apply, (extractor._params, images), BATCH / flax_rate),
   }

@@ -16,6 +16,8 @@
 (b) Wall time of each stage of the command line's path for one image at `:tiny` (32², 4-image
     album at K = 50), run in-process on a random base model, each including its compilation:
     album, fine-tune (the variant's 20 steps, and per 100 steps: 120 steps minus 20), restore.
+(c) One denoiser call of a restoration (the toy's UNet on the DRAWS draws): its FLOPs from XLA's
+    cost analysis, the FLOP/s achieved, and on a GPU/TPU the MFU (bench.common.flops_report).
 """
 
 import os
@@ -30,9 +32,10 @@ import numpy as np
 
 from visgen_jax import image_io
 from visgen_jax.bench import gen2res_toy as toy
+from visgen_jax.bench.common import best_time, flops_report
 from visgen_jax.diffusion import restoration
 from visgen_jax.eval.image_quality import psnr, ssim
-from visgen_jax.systems import gen2res
+from visgen_jax.systems import adm, gen2res
 from visgen_jax.train import config as config_lib
 from visgen_jax.train import trainer, weights
 
@@ -126,7 +129,18 @@ def ablations(directory) -> dict:
   result['input'] = os.path.join(directory, 'degraded.png')
   image_io.save_png(result['input'], image_io.to_uint8(degraded))
   result['figure'] = figure
+  result['denoiser_call'] = denoiser_flops(models['unconstrained'], draws)
   return result
+
+
+def denoiser_flops(params, images) -> dict:
+  """flops_report of one call of the toy's UNet on `images` at the restorations' start step."""
+  config = toy.config()
+  unet = adm.make_unet(config.model)
+  denoise = jax.jit(lambda p, x, t: unet.apply({'params': p}, x, t))
+  t = jnp.full((len(images),), restoration.DEFAULT_START_STEP, jnp.int32)
+  seconds = best_time(lambda: denoise(params, images, t).block_until_ready())
+  return flops_report(denoise, (params, images, t), seconds, dtype=config.compute_dtype)
 
 
 def _timed(fn, *args):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visgen_jax.bench.common import best_time
+from visgen_jax.bench.common import best_time, flops_report
 from visgen_jax.kernels import collage as collage_ref
 from visgen_jax.kernels import collage_pallas
 from visgen_jax.kernels import masked_attention as ma
@@ -105,9 +105,11 @@ def reference_time():
     fwd = jax.jit(ma.masked_attention_reference)
     grad = jax.jit(jax.grad(lambda q, k, v, b: jnp.sum(ma.masked_attention_reference(q, k, v, mask, b)),
                             argnums=(0, 1, 2, 3)))
+    forward = best_time(lambda: fwd(q, k, v, mask, bias).block_until_ready())
     out[f'{side}x{side}'] = {
-        'forward_s': best_time(lambda: fwd(q, k, v, mask, bias).block_until_ready()),
+        'forward_s': forward,
         'forward_backward_s': best_time(lambda: jax.block_until_ready(grad(q, k, v, bias))),
+        'forward_flops': flops_report(fwd, (q, k, v, mask, bias), forward),
     }
   return out
 
@@ -218,6 +220,8 @@ def accelerator_time():
                                                                     8 * MASKS, side)
                                                     .reshape(8, MASKS, side * side)))
     row = {}
+    # XLA cannot count a Pallas kernel's FLOPs: both are rated by the dense reference's count.
+    dense = jax.jit(lambda q, k, v, b: ma.masked_attention_reference(q, k, v, mask, b))
     for name, fn in (('kernel', functools.partial(ma.masked_attention, compiler_params=params)),
                      ('xla', ma.masked_attention_reference)):
       fwd = jax.jit(lambda q, k, v, b, fn=fn: fn(q, k, v, mask, b))
@@ -225,6 +229,8 @@ def accelerator_time():
                               argnums=(0, 1, 2, 3)))
       row[f'{name}_forward_s'] = best_time(lambda: fwd(q, k, v, bias).block_until_ready())
       row[f'{name}_forward_backward_s'] = best_time(lambda: jax.block_until_ready(grad(q, k, v, bias)))
+      row[f'{name}_forward_flops'] = flops_report(dense, (q, k, v, bias), row[f'{name}_forward_s'],
+                                                  dtype='bfloat16')
     out[f'{side}x{side}_batch8_bf16'] = row
   return out
 

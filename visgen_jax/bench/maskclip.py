@@ -34,11 +34,14 @@
     (set_num_threads) both on the cores this process may use; torch on one
     thread too, since its pool can lose to one thread on a busy machine.
     'one_core': both again in a subprocess pinned to one core, where other
-    work's load hurts neither more, with one block split by part (in-
+    work's load hurts neither more (wall and CPU time; the CPU-time ratio is
+    the steadier one on a busy machine), with one block split by part (in-
     projection, attention core, out-projection, MLP, layer norm; batch 4, 197
-    tokens) to show where the time goes, the attention core also computed
-    heads-first ([B, H, T, D]); 'one_core_without_ynn_fusion' the same with
-    XLA's YNNPACK fusions turned off (`NO_YNN_FUSION`).
+    tokens), the attention core also computed heads-first ([B, H, T, D]), and
+    each side's top ops from its profiler (XLA: a JAX profiler trace, ops named
+    by their source; torch: torch.profiler), to show where the time goes;
+    'one_core_xla_defaults' the same with XLA's own defaults for the flags the
+    project sets (`visgen_jax.xla_flags`).
 
 The machine may be shared: every timing is a minimum, and the load average
 (1, 5, 15 min) is recorded at the start and the end.
@@ -55,7 +58,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from visgen_jax import xla_flags
 from visgen_jax.bench import oracles
+from visgen_jax.bench.common import flops_report, torch_op_profile, xla_op_profile
 from visgen_jax.convert.clip import abstract_params, convert_clip_state_dict
 from visgen_jax.models import clip as clip_lib
 from visgen_jax.models.maskclip import MaskCLIP, clip_crop_features
@@ -68,9 +73,6 @@ FLOP_GOAL = 30.0
 RMA_LAYERS_L = (6, 12, 18, 24)
 WALL = dict(preset='ViT-B-16', size=224, masks=20, rma_layers=(3, 6, 9, 12), rounds=5)
 ENCODER = dict(preset='ViT-B-16', size=224, batch=4, rounds=6)
-# XLA's CPU default hands dots (and the attention chain around them) to YNNPACK; this turns
-# that off, leaving them to XLA's own (Eigen) kernels.
-NO_YNN_FUSION = '--xla_cpu_experimental_ynn_fusion_type='
 
 
 # --- FLOP counting -------------------------------------------------------------------------------
@@ -222,20 +224,25 @@ def _tflops(tree):
 
 # --- timing --------------------------------------------------------------------------------------
 
-def interleaved_best(fns: dict, rounds: int) -> dict:
-  """{name: minimum wall time} of blocking calls, one call of each per round after a warm-up.
+def interleaved_best(fns: dict, rounds: int) -> tuple[dict, dict]:
+  """({name: minimum wall time}, {name: minimum CPU time of this process}) of blocking calls,
+  one call of each per round after a warm-up.
 
-  Interleaving lets load from other work hit every contender alike.
+  Interleaving lets load from other work hit every contender alike. In a process pinned to
+  one core the CPU time leaves out the time other work held that core, so it is the steadier
+  figure on a busy machine.
   """
   for fn in fns.values():
     fn()
-  best = {name: math.inf for name in fns}
+  wall = {name: math.inf for name in fns}
+  cpu = dict(wall)
   for _ in range(rounds):
     for name, fn in fns.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       fn()
-      best[name] = min(best[name], time.perf_counter() - start)
-  return best
+      wall[name] = min(wall[name], time.perf_counter() - start)
+      cpu[name] = min(cpu[name], time.process_time() - start_cpu)
+  return wall, cpu
 
 
 def random_masks(rng, count: int, size: int) -> np.ndarray:
@@ -267,7 +274,7 @@ def wall_times(preset=WALL['preset'], size=WALL['size'], masks=WALL['masks'],
          'rma': (jax.jit(rma), params)}
   calls = {name: (lambda f=f, p=p: jax.block_until_ready(f(p, images, logits)))
            for name, (f, p) in fns.items()}
-  best = interleaved_best(calls, rounds)
+  best, _ = interleaved_best(calls, rounds)
   flops = {name: compiled_flops(f, p, images, logits) for name, (f, p) in fns.items()}
   return {'seconds': best, 'xla_gflops': {name: v / 1e9 for name, v in flops.items()},
           'ratio_crop_over_mask_tokens': best['crop'] / best['mask_tokens'],
@@ -288,9 +295,8 @@ def heads_first_attention(q, k, v):
   return jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', weights, v), 1, 2)
 
 
-def _encoder_parts(torch, batch, tokens, width, heads, act, rounds):
+def _encoder_parts(torch, batch, tokens, width, heads, act, attend, rounds):
   """One block's pieces, Flax/XLA vs torch, same shapes, float32: ms each and throughput ratio."""
-  from visgen_jax.nn.attention import dot_product_attention
   f = torch.nn.functional
   rng = np.random.default_rng(1)
   block = clip_lib.ResidualAttentionBlock(width, heads, act)
@@ -309,7 +315,7 @@ def _encoder_parts(torch, batch, tokens, width, heads, act, rounds):
   # name: (flax fn(params, input), input, torch fn(input), torch input)
   pieces = {
       'in_proj': (sub(lambda m, a: m.in_proj(a)), x, linear('in_proj'), tx),
-      'attention_core': (unpack(dot_product_attention), qkv, sdpa, tqkv),
+      'attention_core': (unpack(attend), qkv, sdpa, tqkv),
       'attention_core_heads_first': (unpack(heads_first_attention), qkv, sdpa, tqkv),
       'out_proj': (sub(lambda m, a: m.out_proj(a)), x, linear('out_proj'), tx),
       'mlp': (sub(lambda m, a: m.c_proj(m.activation(m.c_fc(a)))), x,
@@ -320,10 +326,10 @@ def _encoder_parts(torch, batch, tokens, width, heads, act, rounds):
   calls = {}
   for name, (ours, arg, theirs, targ) in pieces.items():
     jitted = jax.jit(ours)
-    calls[f'{name}/flax'] = lambda j=jitted, a=arg: jax.block_until_ready(j(params, a))
+    calls[f'{name}/flax'] = lambda j=jitted, a=jax.device_put(arg): jax.block_until_ready(j(params, a))
     calls[f'{name}/torch'] = lambda t=theirs, a=targ: t(a)
   with torch.inference_mode():
-    best = interleaved_best(calls, rounds)
+    best, _ = interleaved_best(calls, rounds)
   return {name: {'flax_ms': 1e3 * best[f'{name}/flax'], 'torch_ms': 1e3 * best[f'{name}/torch'],
                  'ratio_flax_over_torch': best[f'{name}/torch'] / best[f'{name}/flax']}
           for name in pieces}
@@ -343,9 +349,11 @@ def encoder_images_per_s(preset=ENCODER['preset'], size=ENCODER['size'], batch=E
   reference = open_clip.create_model_and_transforms(preset, pretrained=None)[0].eval()
   tower = clip_lib.vision_tower(preset)
   state = {k: v.numpy() for k, v in reference.state_dict().items() if k.startswith('visual.')}
-  params = convert_clip_state_dict(state, tower)
+  # On the device, as a model's state is: numpy arguments would be copied in on every call.
+  params = jax.device_put(convert_clip_state_dict(state, tower))
   images = np.random.default_rng(2).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
   pixels = ((images + 1) / 2 - np.array(clip_lib.CLIP_MEAN)) / np.array(clip_lib.CLIP_STD)
+  images = jax.device_put(images)
   pixels = torch.from_numpy(pixels.astype(np.float32).transpose(0, 3, 1, 2).copy())
   encode = jax.jit(lambda p, i: tower.apply({'params': p}, i))
 
@@ -359,42 +367,74 @@ def encoder_images_per_s(preset=ENCODER['preset'], size=ENCODER['size'], batch=E
     calls['torch_1_thread'] = lambda: torch_encode(1)
   with torch.inference_mode():
     ours, theirs = np.asarray(encode(params, images)), reference.encode_image(pixels).numpy()
-    best = interleaved_best(calls, rounds)
+    best, cpu = interleaved_best(calls, rounds)
   torch.set_num_threads(threads)
-  return {
+  result = {
       'threads': threads, 'torch': torch.__version__, 'open_clip': open_clip.__version__,
       'max_abs_embedding_diff': float(np.abs(ours - theirs).max()),
       'max_abs_embedding': float(np.abs(theirs).max()),
       'images_per_s': {name: batch / seconds for name, seconds in best.items()},
       'ratio_flax_over_torch': best['torch'] / best['flax'],
+      'flax_flops': flops_report(encode, (params, images), best['flax']),
   }
+  if threads == 1:
+    result['cpu_seconds'] = cpu
+    result['ratio_flax_over_torch_cpu_time'] = cpu['torch'] / cpu['flax']
+  return result
+
+
+def op_profiles(preset=ENCODER['preset'], size=ENCODER['size'], batch=ENCODER['batch']) -> dict:
+  """The top ops of one tower call, each side's profiler (random weights, not shared)."""
+  import torch
+  open_clip = oracles.import_open_clip()
+  reference = open_clip.create_model_and_transforms(preset, pretrained=None)[0].eval()
+  tower = clip_lib.vision_tower(preset)
+  images = jnp.zeros((batch, size, size, 3))
+  params = jax.jit(tower.init)(jax.random.key(0), images)['params']
+  encode = jax.jit(lambda p, i: tower.apply({'params': p}, i))
+  pixels = torch.zeros(batch, 3, size, size)
+  with torch.inference_mode():
+    theirs = torch_op_profile(lambda: reference.encode_image(pixels))
+  return {'flax': xla_op_profile(encode, (params, images)), 'torch': theirs}
 
 
 def one_core_profile() -> dict:
-  """`encoder_images_per_s` and one block by part; meant for a process pinned to one core."""
+  """`encoder_images_per_s`, one block by part and each side's top ops; meant for a process
+  pinned to one core."""
   import torch
   result = encoder_images_per_s()
   size, tower = ENCODER['size'], clip_lib.vision_tower(ENCODER['preset'])
   tokens = (size // tower.patch_size)**2 + 1
   # The pieces take milliseconds: more rounds cost little and steady the minimum.
   result['one_block_parts'] = _encoder_parts(torch, ENCODER['batch'], tokens, tower.width,
-                                             tower.heads, tower.act, 4 * ENCODER['rounds'])
+                                             tower.heads, tower.act, tower.attend,
+                                             4 * ENCODER['rounds'])
+  result['top_ops'] = op_profiles()
   return result
 
 
-def _on_one_core(xla_flags: str = '') -> dict:
-  """`one_core_profile` in a subprocess pinned to one core before XLA and torch start."""
+def _on_one_core(project_flags: bool = True) -> dict:
+  """`one_core_profile` in a subprocess pinned to one core before XLA and torch start; with
+  project_flags False, JAX starts before visgen_jax is imported, so XLA keeps its own defaults
+  for the flags `visgen_jax.xla_flags` would set."""
+  start_jax_first = '' if project_flags else 'import jax; jax.devices(); '
   code = ('import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); import json; '
-          'from visgen_jax.bench import maskclip as m; print(json.dumps(m.one_core_profile()))')
-  env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {xla_flags}'.strip())
+          f'{start_jax_first}from visgen_jax.bench import maskclip as m; '
+          'print(json.dumps(dict(m.one_core_profile(), xla_flags=os.environ.get("XLA_FLAGS"))))')
+  env = dict(os.environ)
+  if not project_flags:
+    env['XLA_FLAGS'] = xla_flags.without_defaults(env.get('XLA_FLAGS', ''))
   proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True)
   if proc.returncode:
     raise RuntimeError(f'the one-core encoder timing failed:\n{proc.stderr[-4000:]}')
-  return dict(json.loads(proc.stdout.strip().splitlines()[-1]), xla_flags=env['XLA_FLAGS'])
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  if not project_flags:
+    result['xla_flags'] = 'XLA defaults (JAX started before visgen_jax set its flags)'
+  return result
 
 
 def encoder_vs_open_clip() -> dict:
-  """Section (3): on every core, on one core, and on one core without XLA's YNNPACK fusions."""
+  """Section (3): on every core, on one core, and on one core with XLA's own flag defaults."""
   every = encoder_images_per_s()
   speeds = every['images_per_s']
   return {
@@ -405,7 +445,7 @@ def encoder_vs_open_clip() -> dict:
       'ratio_flax_over_best_torch': speeds['flax'] / max(speeds['torch'],
                                                           speeds.get('torch_1_thread', 0)),
       'one_core': _on_one_core(),
-      'one_core_without_ynn_fusion': _on_one_core(NO_YNN_FUSION),
+      'one_core_xla_defaults': _on_one_core(project_flags=False),
   }
 
 

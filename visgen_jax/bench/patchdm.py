@@ -44,7 +44,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from visgen_jax import image_io
-from visgen_jax.bench.common import best_time
+from visgen_jax.bench.common import best_time, flops_report
 from visgen_jax.models import patch_ablations
 from visgen_jax.models.adm_unet import ADMUNet
 from visgen_jax.models.latent_mlp import LatentMLP
@@ -149,7 +149,9 @@ def sampling_speed(key) -> dict:
   full_time = best_time(lambda: step_full(full_params, x).block_until_ready())
   return {'sampling_images_per_sec_ddim50_256_patchdm': 1 / (50 * patch_time),
           'sampling_images_per_sec_ddim50_256_full_unet': 1 / (50 * full_time),
-          'sampling_speed_ratio_patchdm_over_full_unet': full_time / patch_time}
+          'sampling_speed_ratio_patchdm_over_full_unet': full_time / patch_time,
+          'sampling_step_flops_patchdm': flops_report(step_patch, (x, t1, code, use), patch_time),
+          'sampling_step_flops_full_unet': flops_report(step_full, (full_params, x), full_time)}
 
 
 def run() -> dict:

@@ -25,7 +25,7 @@ from visgen_jax import image_io
 from visgen_jax.diffusion import gmm
 from visgen_jax.diffusion import samplers
 from visgen_jax.diffusion import schedules
-from visgen_jax.bench.common import best_time
+from visgen_jax.bench.common import best_time, flops_report
 from visgen_jax.models.adm_unet import ADMUNet
 
 NAMES = ('ddpm', 'ddim', 'dpmpp_2m', 'euler', 'heun')
@@ -53,7 +53,7 @@ def overhead(unet, params):
   t = jnp.full((BATCH,), 500, jnp.int32)
   call = best_time(lambda: denoise(params, x, t).block_until_ready(), 20)
   base = schedules.make_schedule('linear', 1000)
-  out = dict(denoiser_call_s=call)
+  out = dict(denoiser_call_s=call, denoiser_call_flops=flops_report(denoise, (params, x, t), call))
   for name in NAMES:
     sched = schedules.respace(base, '50') if name in ('ddpm', 'ddim') else base
     opts = {} if name in ('ddpm', 'ddim') else dict(steps=50)

@@ -102,7 +102,16 @@ def quick_gelu(x):
 def _activation(name: str) -> Callable:
   if name not in ACTIVATIONS:
     raise ValueError(f'CLIP act={name!r} is unknown; allowed: {", ".join(ACTIVATIONS)}.')
-  return quick_gelu if name == 'quick_gelu' else lambda x: jax.nn.gelu(x, approximate=False)
+  return quick_gelu if name == 'quick_gelu' else gelu
+
+
+def gelu(x):
+  """Exact (erf) GELU, x·Φ(x).
+
+  Written with erf as PyTorch computes it: `jax.nn.gelu(approximate=False)` uses
+  erfc, which XLA's CPU backend evaluates ~4× slower than erf (bench maskclip).
+  """
+  return 0.5 * x * (1 + jax.lax.erf(x * np.float32(math.sqrt(0.5))))
 
 
 def layer_norm(dtype, name=None):
@@ -198,7 +207,9 @@ def _full_attention(q, k, v, impl):
   if impl == 'pallas':
     patch_mask = jnp.zeros((q.shape[0], 0, q.shape[1] - 1), bool)
     return mask_token_attention(q, k, v, patch_mask, impl='pallas')
-  return dot_product_attention(q, k, v, impl=impl)
+  # The whole scale on q (1/8 at D = 64, exact), not √scale on both q and k: one product fewer
+  # (the attention core 9.7 → 8.1 ms on one CPU core at ViT-B/16, batch 4; bench maskclip).
+  return dot_product_attention(q * (q.shape[-1]**-0.5), k, v, impl=impl, scale=1.0)
 
 
 class VisionTransformer(nn.Module):
