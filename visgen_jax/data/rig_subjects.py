@@ -76,7 +76,7 @@ def _albedo(subject: int, q: np.ndarray) -> np.ndarray:
   return np.clip(texture * (1 - 0.7 * eyes[..., None]), 0.02, 1).astype(np.float32)
 
 
-def _background(rng, resolution: int) -> np.ndarray:
+def background(rng, resolution: int) -> np.ndarray:
   """A subject-independent pattern: a tilted two-colour stripe field and a "hair" cap colour."""
   v, u = np.mgrid[1:-1:resolution * 1j, -1:1:resolution * 1j]
   angle, freq = rng.uniform(0, math.pi), rng.uniform(2, 8)
@@ -114,7 +114,7 @@ def _build(resolution: int) -> dict:
     for _ in range(IMAGES_PER_SUBJECT):
       light = random_light(rng)
       yaw, pitch = rng.uniform(-MAX_ANGLE, MAX_ANGLE, 2)
-      example = render(subject, light, yaw, pitch, resolution, _background(rng, resolution))
+      example = render(subject, light, yaw, pitch, resolution, background(rng, resolution))
       examples.append(dict(example, light=light, head_pose=np.array([yaw, pitch], np.float32),
                            head_axes=subject_shape(subject), subject=np.int32(subject)))
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}

@@ -123,13 +123,23 @@ def _check_data_has_physical(config, info):
 
 
 def networks(config):
-  """(encode, denoise, generate): encode(params, image) -> code; denoise(params, x_t, t, condition,
-  code, **apply_options) -> ε; generate(params, noise, condition, code) -> images by config.sampler
-  (jitted; deterministic for DDIM with eta=0). `condition` is `conditioning(config, batch)`."""
+  """(init, encode, denoise, generate): init(key, batch) -> params; encode(params, image) -> code;
+  denoise(params, x_t, t, condition, code, **apply_options) -> ε; generate(params, noise, condition,
+  code) -> images by config.sampler (jitted; deterministic for DDIM with eta=0). `condition` is
+  `conditioning(config, batch)`."""
   unet = _unet(config, jnp.dtype(config.compute_dtype))
   encoder = ResNet18(config.model.code_dim)
   sample_schedule, sample_options = samplers.from_config(config, schedules.make_schedule(
       config.diffusion.noise_schedule, config.diffusion.num_timesteps))
+
+  def init(key, batch):
+    unet_key, encoder_key = jax.random.split(key)
+    image = batch['image']
+    variables = encoder.init(encoder_key, image)
+    x = image if config.model.condition == 'vector' else jnp.concatenate([image, conditioning(config, batch)], -1)
+    code = jnp.zeros((image.shape[0], unet.code_dim))  # the encoder's code (and the physical vector)
+    return {'unet': unet.init(unet_key, x, jnp.zeros(x.shape[:1], jnp.int32), code=code)['params'],
+            'encoder': variables['params'], 'batch_stats': {'encoder': variables['batch_stats']}}
 
   def encode(params, image):
     return encoder.apply({'params': params['encoder'], 'batch_stats': params['batch_stats']['encoder']}, image)
@@ -147,7 +157,7 @@ def networks(config):
     return samplers.sample(config.sampler.name, jax.random.key(0), denoise_fn, sample_schedule, noise,
                            **sample_options)
 
-  return encode, denoise, generate
+  return init, encode, denoise, generate
 
 
 def make(config) -> System:
@@ -156,21 +166,10 @@ def make(config) -> System:
     raise UserError(f'config.batch_size={config.batch_size} is larger than the {info.num_examples} images of '
                     f'config.data ({info.path}); a stage-2 album needs at least one batch of photos.')
   _check_data_has_physical(config, info)
-  unet = _unet(config)
   encoder = ResNet18(config.model.code_dim)
   encoder_trains_stats = not _encoder_frozen(config)
   base = schedules.make_schedule(config.diffusion.noise_schedule, config.diffusion.num_timesteps)
-  encode, denoise, generate = networks(config)
-
-  def init(key, batch):
-    unet_key, encoder_key = jax.random.split(key)
-    image = batch['image']
-    variables = encoder.init(encoder_key, image)
-    x = image if config.model.condition == 'vector' else jnp.concatenate([image, conditioning(config, batch)], -1)
-    code_dim = unet.code_dim  # the encoder's code, and the physical vector when conditioned on it
-    return {'unet': unet.init(unet_key, x, jnp.zeros(x.shape[:1], jnp.int32),
-                              code=jnp.zeros((image.shape[0], code_dim)))['params'],
-            'encoder': variables['params'], 'batch_stats': {'encoder': variables['batch_stats']}}
+  init, encode, denoise, generate = networks(config)
 
   def loss_fn(params, batch, key):
     noise_key, dropout_key = jax.random.split(key)
