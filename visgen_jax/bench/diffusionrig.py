@@ -28,8 +28,8 @@ one noise per image shared by all its edits, as `--mode=edit` does.
   train_images_per_s the trainer's step of the buffer model vs a plain ADM UNet of the same
                      size (no buffers, code or encoder), interleaved repeats, median.
   edit_latency_*     DDIM-20 per image of one edit batch (the HELD_OUT images) at RES² (:tiny)
-                     and of one edit at 256² (the paper's model, random weights); compile time
-                     apart.
+                     and at 256² (the paper's model, random weights: 20 × one UNet call);
+                     compile time apart.
 """
 
 import copy
@@ -51,8 +51,8 @@ from visgen_jax.train import config as config_lib
 from visgen_jax.train import trainer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
-RES = 32
-STEPS = 500
+RES = 16
+STEPS = 600
 STAGE2_STEPS = 200
 HELD_OUT = 8
 BATCH = 16
@@ -221,11 +221,23 @@ def edit_latency(model: Model, params, batch: dict) -> dict:
 
 
 def paper_edit_latency() -> dict:
-  """edit_latency of one edit at 256² with the paper's model (random weights: only the time matters)."""
+  """DDIM-20 seconds per image at 256² with the paper's model (random weights: only the time
+  matters), as 20 times one UNet call on one image (DDIM's own arithmetic is negligible, see
+  `bench samplers`; a whole DDIM-20 takes too long on a shared 2-core CPU), and that call's
+  compile time."""
   config = config_lib.load_config(os.path.join(CONFIGS, 'diffusionrig_stage1.py'), ('sampler.steps=20',))
-  batch = _paper_batch(1)
-  params = jax.jit(diffusionrig.networks(config)[0])(jax.random.key(0), batch)
-  return edit_latency(Model(config), params, batch)
+  batch = {k: jnp.asarray(v) for k, v in _paper_batch(1).items()}
+  init, encode, denoise, _ = diffusionrig.networks(config)
+  params = jax.jit(init)(jax.random.key(0), batch)
+  code = jax.jit(encode)(params, batch['image'])
+  t = jnp.full((1,), 500, jnp.int32)
+  call = jax.jit(lambda p, x: denoise(p, x, t, diffusionrig.conditioning(config, batch), code))
+  times = []
+  for _ in range(2):
+    start = time.perf_counter()
+    jax.block_until_ready(call(params, batch['image']))
+    times.append(time.perf_counter() - start)
+  return {'seconds_per_image': config.sampler.steps * times[1], 'compile_seconds': times[0] - times[1]}
 
 
 def _paper_batch(n: int) -> dict:
