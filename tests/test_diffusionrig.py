@@ -15,7 +15,7 @@ from visgen_jax.data import pipeline, rig_subjects
 from visgen_jax.errors import UserError
 from visgen_jax.models import sh_lighting
 from visgen_jax.systems import diffusionrig, get_system
-from visgen_jax.train import config as config_lib, weights
+from visgen_jax.train import config as config_lib, trainer, weights
 
 SMALL = ['--config.data.resolution=16', '--config.model.image_size=16', '--config.model.channel_mult=1']
 STAGE1 = ['--config=configs/diffusionrig_stage1.py:tiny', *SMALL, '--config.total_steps=2', '--config.ckpt_every=2']
@@ -57,11 +57,11 @@ def test_an_album_smaller_than_the_batch_is_refused(private_cache):
     get_system(album_config('batch_size=32', 'init_from=/somewhere'))
 
 
-def write_example(directory, name, record, light=True):
+def write_example(directory, name, record, light=True, extra=()):
   path = os.path.join(directory, f'{name}.png')
   image_io.save_png(path, image_io.to_uint8(record['image'][None])[0])
   np.savez(os.path.join(directory, f'{name}.npz'),
-           **{k: record[k] for k in ('normal', 'albedo', 'alpha', *(('light',) if light else ()))})
+           **{k: record[k] for k in ('normal', 'albedo', 'alpha', *(('light',) if light else ()), *extra)})
   return path
 
 
@@ -153,3 +153,45 @@ def test_stage1_stage2_and_edits_through_the_cli(tmp_path, private_cache):
                      'face_reconstruction.png', 'face_relight_from.png', 'face_rotate30.png']
   grid = image_io.read_rgb(os.path.join(second, 'edit', 'face_grid.png'), 'grid')
   assert grid.shape == (3 * 18 - 2, 4 * 18 - 2, 3)  # input, 3 buffers, reconstruction, 5 edits: 4x3
+
+
+VECTOR = ('model.condition=vector', 'model.in_channels=3', 'data.random_flip=False')
+
+
+def test_the_vector_conditioned_model_trains_and_edits(tmp_path, private_cache):
+  config = config_lib.load_config('configs/diffusionrig_stage1.py:tiny', [
+      'data.resolution=16', 'model.image_size=16', 'model.channel_mult=1', 'total_steps=1', *VECTOR])
+  workdir = str(tmp_path / 'vector')
+  params = trainer.train(config, workdir)['params']
+  # The UNet's code layers take the encoder's 64-d code and the 32-d physical vector.
+  code_inputs = {v.shape[0] for n, v in weights.flatten(params).items() if n.endswith('code_proj/kernel')}
+  assert code_inputs == {64 + rig_subjects.PHYSICAL_SIZE}
+
+  records = rig_subjects.records(config.data)
+  inputs = str(tmp_path / 'inputs')
+  os.makedirs(inputs)
+  face = write_example(inputs, 'face', records[1], extra=rig_subjects.PHYSICAL)
+  other = write_example(inputs, 'other', records[40], extra=rig_subjects.PHYSICAL)
+  bare = write_example(inputs, 'bare', records[2])
+  config.edit.update(input=face, rotate_degrees=(30,), buffers_from=other, code_from=other)
+  trainer.run_command(config, workdir, 'edit')
+  written = sorted(os.listdir(os.path.join(workdir, 'edit')))
+  assert written == ['face_buffer_swap.png', 'face_code_swap.png', 'face_grid.png', 'face_reconstruction.png',
+                     'face_rotate30.png']
+  config.edit.input = bare
+  with pytest.raises(UserError, match=r"bare.npz has head_pose of shape \(\); config.model.condition='vector' "
+                                      r'needs light \(9, 3\), head_pose \(2,\), head_axes \(3,\)'):
+    trainer.run_command(config, workdir, 'edit')
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (('model.condition=vectors',), r"config.model.condition='vectors'; allowed: buffers, vector."),
+    (('model.condition=vector',), r"config.model.in_channels=12; with config.model.condition='vector' the UNet "
+                                  r'denoises x_t: 3.'),
+    (('model.in_channels=3',), r"config.model.in_channels=3; .*'buffers' the UNet denoises x_t with its buffers: 12."),
+    (('model.condition=vector', 'model.in_channels=3'), r'config.data.random_flip=True with config.model.condition'),
+])
+def test_settings_that_do_not_fit_the_conditioning_are_refused(overrides, message):
+  config = config_lib.load_config('configs/diffusionrig_stage1.py:tiny', list(overrides))
+  with pytest.raises(UserError, match=message):
+    diffusionrig.validate(config)

@@ -12,6 +12,7 @@ from tests.test_train import final_state
 from visgen_jax import image_io
 from visgen_jax.data import pipeline, rig_buffers, rig_subjects
 from visgen_jax.errors import UserError
+from visgen_jax.systems import get_system
 from visgen_jax.train import config as config_lib
 from visgen_jax.train import trainer, weights
 
@@ -81,10 +82,18 @@ def test_a_good_pair_builds_and_reads_back_equal(folders, tmp_path):
     np.testing.assert_array_equal(b[key], 0)
 
   batch = next(pipeline.make_train_iterator(config.data, local_batch_size=2, seed=0))
-  spec = rig_subjects.spec((RES, RES))
+  spec = rig_subjects.spec((RES, RES), rig_buffers.PHYSICAL_SIZE)
   assert {k: (v.shape[1:], v.dtype) for k, v in batch.items()} == {
       k: (f.shape, np.dtype(f.dtype)) for k, f in spec.items()}
   assert batch['image'].min() >= -1 and batch['image'].max() <= 1
+  first = batch['physical'][list(batch['index']).index(0)]  # 'a': the light, then the FLAME parameters
+  np.testing.assert_array_equal(first, np.concatenate([buffers['light'].ravel(), *flame.values()]))
+
+  vector = rig_folder_config(out, 'data.random_flip=False', 'model.condition=vector', 'model.in_channels=3',
+                             'batch_size=2')
+  with pytest.raises(UserError, match=r"1 of its 2 images have no FLAME parameters, which "
+                                      r"config.model.condition='vector' needs"):
+    get_system(vector)
 
 
 def bad_pairs():

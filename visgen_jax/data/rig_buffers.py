@@ -32,10 +32,13 @@ Records: 'image' uint8, 'normal' / 'albedo' / 'rendered' float16 [H, W, 3],
 'alpha' float16 [H, W] (float16 halves the size; its rounding, ≤ 2.5e-4 on
 [−1, 1], is far below 8-bit image steps), 'light' float32 [9, 3], the FLAME
 parameters float32 (zeros when 'flame' is False), 'index', 'file_name'.
-Batches are those of rig_subjects: 'image' in [−1, 1], the buffers float32.
+Batches are those of rig_subjects: 'image' in [−1, 1], the buffers float32, and
+'physical' [PHYSICAL_SIZE]: the light flattened and the FLAME parameters (zeros when
+the dataset has none; the vector-conditioned model refuses such a dataset).
 """
 
 import dataclasses
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -51,6 +54,9 @@ from visgen_jax.models import sh_lighting
 BUILD_COMMAND = ('python data_prep/build_buffer_dataset.py --images=IMAGES --buffers=BUFFERS '
                  '--out={out} --resolution=N')
 FLAME_SIZES = {'shape': 100, 'exp': 50, 'pose': 6, 'cam': 3, 'tex': 50}
+# The parts of the 'physical' vector, in order (rig_subjects.physical_vector).
+PHYSICAL = {'light': (9, 3), **{k: (n,) for k, n in FLAME_SIZES.items()}}
+PHYSICAL_SIZE = rig_subjects.physical_size(PHYSICAL)
 STORED_AS_HALF = ('normal', 'albedo', 'rendered', 'alpha')
 # Normals interpolated across a mesh face are shorter than 1 (DECA rasterises vertex normals
 # without renormalising): 0.02 admits vertex normals up to ~23° apart and 8-bit quantisation,
@@ -302,14 +308,22 @@ def main(argv: Sequence[str]) -> int:
   return 0
 
 
+def num_with_flame(path: str) -> int:
+  """How many images of the dataset at `path` have FLAME parameters (its build report)."""
+  with open(os.path.join(path, folder.REPORT_FILE)) as f:
+    return json.load(f)['num_with_flame']
+
+
 def _example(record, rng=None):
   """Stored precision (uint8, float16) across workers; `_to_float` widens in the main process."""
-  return {k: record[k] for k in ('image', *rig_subjects.BUFFERS, 'alpha')} | {'index': np.int32(record['index'])}
+  return ({k: record[k] for k in ('image', *rig_subjects.BUFFERS, 'alpha')} | {'index': np.int32(record['index'])}
+          | {'physical': rig_subjects.physical_vector(record, PHYSICAL)})
 
 
 def _to_float(batch):
   return dict({k: np.asarray(batch[k], np.float32) for k in (*rig_subjects.BUFFERS, 'alpha')},
-              image=image_io.to_float(batch['image']), index=np.asarray(batch['index']))
+              image=image_io.to_float(batch['image']), index=np.asarray(batch['index']),
+              physical=np.asarray(batch['physical']))
 
 
 @registry.register('rig_folder')
@@ -334,7 +348,7 @@ class RigFolder(registry.Source):
                               resolution=tuple(builder.info.features['image'].shape[:2]))
 
   def spec(self, data_config):
-    return rig_subjects.spec(folder.parse_resolution(data_config.resolution, 'data.resolution'))
+    return rig_subjects.spec(folder.parse_resolution(data_config.resolution, 'data.resolution'), PHYSICAL_SIZE)
 
   def transform(self, data_config, info, train):
     hw = folder.parse_resolution(data_config.resolution, 'data.resolution')

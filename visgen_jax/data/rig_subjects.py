@@ -12,10 +12,12 @@ album_subject: the stage-2 album) | 'others' (every subject but that one).
 Batches: 'image', 'rendered', 'normal', 'albedo' float32 [b, H, W, 3] (image
 in [-1, 1], buffers raw: normals in [-1, 1] and 0 outside the face, albedo in
 [0, 1], rendered = sh_lighting.shade), 'alpha' float32 [b, H, W], 'index'
-int32 [b]. With data.random_flip the buffers flip with the image and the
-normals' x changes sign. Records also hold 'light' [9, 3] and 'subject'
-(`records(data_config)`), which batches leave out (a flipped image would need
-a mirrored light).
+int32 [b], and 'physical' float32 [b, PHYSICAL_SIZE]: the renderer's parameters as one
+vector (the light [9, 3] flattened, the head's yaw and pitch, its semi-axes; what the
+vector-conditioned DiffusionRig sees). With data.random_flip the buffers flip with the
+image and the normals' x changes sign; 'physical' does not change (a mirrored light is
+not modelled), so the vector-conditioned model refuses random_flip. Records also hold
+those parts ('light', 'head_pose', 'head_axes') and 'subject' (`records(data_config)`).
 
 Built on first use into `$VISGEN_CACHE/datasets/` as one .npz per resolution
 (a private file renamed into place, so concurrent builders do not clash).
@@ -37,7 +39,9 @@ IMAGES_PER_SUBJECT = 16
 SUBJECT_CHOICES = ('all', 'album', 'others')
 BUFFERS = ('rendered', 'normal', 'albedo')  # the order the model concatenates them in
 MAX_ANGLE = 0.25  # radians of yaw and pitch
-_VERSION = 1
+# The parts of the 'physical' vector, in order, and their shapes (also an edit input's .npz keys).
+PHYSICAL = {'light': (9, 3), 'head_pose': (2,), 'head_axes': (3,)}
+_VERSION = 2
 
 
 def subject_shape(subject: int) -> np.ndarray:
@@ -72,7 +76,7 @@ def _albedo(subject: int, q: np.ndarray) -> np.ndarray:
   return np.clip(texture * (1 - 0.7 * eyes[..., None]), 0.02, 1).astype(np.float32)
 
 
-def _background(rng, resolution: int) -> np.ndarray:
+def background(rng, resolution: int) -> np.ndarray:
   """A subject-independent pattern: a tilted two-colour stripe field and a "hair" cap colour."""
   v, u = np.mgrid[1:-1:resolution * 1j, -1:1:resolution * 1j]
   angle, freq = rng.uniform(0, math.pi), rng.uniform(2, 8)
@@ -110,8 +114,9 @@ def _build(resolution: int) -> dict:
     for _ in range(IMAGES_PER_SUBJECT):
       light = random_light(rng)
       yaw, pitch = rng.uniform(-MAX_ANGLE, MAX_ANGLE, 2)
-      example = render(subject, light, yaw, pitch, resolution, _background(rng, resolution))
-      examples.append(dict(example, light=light, subject=np.int32(subject)))
+      example = render(subject, light, yaw, pitch, resolution, background(rng, resolution))
+      examples.append(dict(example, light=light, head_pose=np.array([yaw, pitch], np.float32),
+                           head_axes=subject_shape(subject), subject=np.int32(subject)))
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
@@ -151,20 +156,34 @@ def records(data_config) -> Records:
   return Records(arrays, np.flatnonzero(chosen))
 
 
+def physical_size(parts: dict) -> int:
+  return sum(math.prod(shape) for shape in parts.values())
+
+
+PHYSICAL_SIZE = physical_size(PHYSICAL)
+
+
+def physical_vector(example: dict, parts: dict) -> np.ndarray:
+  """The `parts` ({key: shape}) of one example, flattened and concatenated in order."""
+  return np.concatenate([np.asarray(example[k], np.float32).reshape(-1) for k in parts])
+
+
 def _example(record, rng=None):
-  return {k: record[k] for k in ('image', *BUFFERS, 'alpha', 'index')}
+  return dict({k: record[k] for k in ('image', *BUFFERS, 'alpha', 'index')},
+              physical=physical_vector(record, PHYSICAL))
 
 
 def _identity(batch):
   return batch
 
 
-def spec(hw: tuple[int, int]) -> dict:
-  """A batch's examples at H x W (also those of 'rig_folder')."""
+def spec(hw: tuple[int, int], physical_size: int = PHYSICAL_SIZE) -> dict:
+  """A batch's examples at H x W (also those of 'rig_folder', with its own physical_size)."""
   color = registry.Feature((*hw, 3), np.float32, width_axis=1)
   return {'image': color, 'rendered': color, 'albedo': color,
           'normal': registry.Feature((*hw, 3), np.float32, width_axis=1, flip_sign=(-1, 1, 1)),
-          'alpha': registry.Feature(hw, np.float32, width_axis=1), 'index': registry.Feature((), np.int32)}
+          'alpha': registry.Feature(hw, np.float32, width_axis=1), 'index': registry.Feature((), np.int32),
+          'physical': registry.Feature((physical_size,), np.float32)}
 
 
 @registry.register('rig_subjects')

@@ -9,6 +9,15 @@ config.frozen = '^(encoder|batch_stats)/': then the encoder runs in eval mode (i
 running statistics normalise, and stay bit-identical), so an image's code in
 training is the code it gets at inference. (The public code keeps the encoder in
 training mode and its statistics moving although it is "frozen".)
+
+config.model.condition: 'buffers' (the model above, in_channels 12) or 'vector', the
+paper's ablation (Table 3.1): no buffers (in_channels 3); the physical parameters the
+buffers are rendered from, as the data's 'physical' vector (rig_subjects: light, head
+pose and semi-axes; rig_folder: light and the FLAME parameters), are concatenated to
+the global code, so the UNet's code layers take code_dim + that size (one Linear per
+ResBlock as before, no separate projection: the public code has no ablation model, and
+concatenation is what the paper describes). Edits change the vector as they change the
+buffers: relighting replaces its light, a buffer swap takes another image's vector.
 """
 
 import os
@@ -30,7 +39,8 @@ from visgen_jax.systems import System
 from visgen_jax.train import checkpoint, sharding, weights
 from visgen_jax.train import config as config_lib
 
-IN_CHANNELS = 3 + 3 * len(rig_subjects.BUFFERS)
+IN_CHANNELS = {'buffers': 3 + 3 * len(rig_subjects.BUFFERS), 'vector': 3}  # by config.model.condition
+PHYSICAL = {'rig_subjects': rig_subjects.PHYSICAL, 'rig_folder': rig_buffers.PHYSICAL}  # the vector's parts
 ENCODER_STATS = 'batch_stats/encoder/bn1/mean'  # a path config.frozen matches when it freezes the statistics
 
 
@@ -54,16 +64,26 @@ def validate(config):
   if res != config.model.image_size:
     raise UserError(f'config.data.resolution={res} differs from config.model.image_size={config.model.image_size}; '
                     'set them equal.')
-  if config.model.in_channels != IN_CHANNELS:
-    raise UserError(f'config.model.in_channels={config.model.in_channels}; DiffusionRig denoises x_t with its '
-                    f'{len(rig_subjects.BUFFERS)} buffers: {IN_CHANNELS}.')
+  condition = config.model.condition
+  if condition not in IN_CHANNELS:
+    raise UserError(f'config.model.condition={condition!r}; allowed: {", ".join(IN_CHANNELS)}.')
+  if config.model.in_channels != IN_CHANNELS[condition]:
+    raise UserError(f'config.model.in_channels={config.model.in_channels}; with config.model.condition='
+                    f'{condition!r} the UNet denoises x_t{" with its buffers" * (condition == "buffers")}: '
+                    f'{IN_CHANNELS[condition]}.')
+  if condition == 'vector' and config.data.name not in PHYSICAL:
+    raise UserError(f'config.data.name={config.data.name!r} has no physical parameters for '
+                    f'config.model.condition=\'vector\'; allowed: {", ".join(PHYSICAL)}.')
+  if condition == 'vector' and config.data.random_flip:
+    raise UserError('config.data.random_flip=True with config.model.condition=\'vector\': the parameters of a '
+                    'mirrored face are not known; set it False.')
   if config.diffusion.learn_sigma or config.model.out_channels != 3:
     raise UserError(f'config.diffusion.learn_sigma={config.diffusion.learn_sigma}, config.model.out_channels='
                     f'{config.model.out_channels}: DiffusionRig predicts ε only; set False and 3.')
   if not config.model.code_dim:
     raise UserError('config.model.code_dim=0; DiffusionRig needs the global code (64 in the paper).')
   with for_setting('config.model'):
-    adm_layout(ADMUNet(**config.model))
+    adm_layout(_unet(config))
   samplers.from_config(config, schedules.make_schedule(config.diffusion.noise_schedule,
                                                        config.diffusion.num_timesteps))
 
@@ -72,8 +92,83 @@ def _encoder_frozen(config) -> bool:
   return any(re.search(p, ENCODER_STATS) for p in config.frozen)
 
 
-def _condition(batch):
+def conditioning(config, batch):
+  """The condition of a batch: buffers concatenated [B, H, W, 9] or the physical vector [B, P]."""
+  if config.model.condition == 'vector':
+    return batch['physical']
   return jnp.concatenate([batch[k] for k in rig_subjects.BUFFERS], axis=-1)
+
+
+def _physical_parts(config) -> dict:
+  """{key: shape} of the physical vector's parts the model is conditioned on (none for buffers)."""
+  return PHYSICAL[config.data.name] if config.model.condition == 'vector' else {}
+
+
+def _example_condition(config, example):
+  """conditioning() of one edit example: its physical vector made from its (maybe edited) parts."""
+  parts = _physical_parts(config)
+  return conditioning(config, dict(example, physical=rig_subjects.physical_vector(example, parts)) if parts
+                      else example)
+
+
+def _unet(config, dtype=jnp.float32) -> ADMUNet:
+  fields = {k: v for k, v in config.model.items() if k != 'condition'}
+  if config.model.condition == 'vector':
+    fields['code_dim'] += rig_subjects.physical_size(PHYSICAL[config.data.name])
+  return ADMUNet(**fields, dtype=dtype)
+
+
+def _check_data_has_physical(config, info):
+  if config.model.condition == 'vector' and config.data.name == 'rig_folder':
+    flame = rig_buffers.num_with_flame(info.path)
+    if flame < info.num_examples:
+      raise UserError(f'config.data.path={info.path!r}: {info.num_examples - flame} of its {info.num_examples} '
+                      "images have no FLAME parameters, which config.model.condition='vector' needs; use "
+                      "condition='buffers' or buffers with shape, exp, pose, cam and tex.")
+
+
+def networks(config):
+  """(init, encode, denoise, generate, invert): init(key, batch) -> params; encode(params, image) -> code;
+  denoise(params, x_t, t, condition, code, **apply_options) -> ε; generate(params, noise, condition,
+  code) -> images by config.sampler (jitted; deterministic for DDIM with eta=0); invert(params, image,
+  condition, code) -> the noise from which generate (DDIM, eta=0) gives back `image` (DDIM inversion to
+  the level where it starts). `condition` is `conditioning(config, batch)`."""
+  unet = _unet(config, jnp.dtype(config.compute_dtype))
+  encoder = ResNet18(config.model.code_dim)
+  sample_schedule, sample_options = samplers.from_config(config, schedules.make_schedule(
+      config.diffusion.noise_schedule, config.diffusion.num_timesteps))
+
+  def init(key, batch):
+    unet_key, encoder_key = jax.random.split(key)
+    image = batch['image']
+    variables = encoder.init(encoder_key, image)
+    x = image if config.model.condition == 'vector' else jnp.concatenate([image, conditioning(config, batch)], -1)
+    code = jnp.zeros((image.shape[0], unet.code_dim))  # the encoder's code (and the physical vector)
+    return {'unet': unet.init(unet_key, x, jnp.zeros(x.shape[:1], jnp.int32), code=code)['params'],
+            'encoder': variables['params'], 'batch_stats': {'encoder': variables['batch_stats']}}
+
+  def encode(params, image):
+    return encoder.apply({'params': params['encoder'], 'batch_stats': params['batch_stats']['encoder']}, image)
+
+  def denoise(params, x_t, t, condition, code, **options):
+    if config.model.condition == 'vector':
+      x, code = x_t, jnp.concatenate([code, condition.astype(code.dtype)], -1)
+    else:
+      x = jnp.concatenate([x_t, condition], -1)
+    return unet.apply({'params': params['unet']}, x, t, code=code, **options).astype(jnp.float32)
+
+  @jax.jit
+  def generate(params, noise, condition, code):
+    denoise_fn = lambda x_t, t: denoise(params, x_t, t, condition, code)
+    return samplers.sample(config.sampler.name, jax.random.key(0), denoise_fn, sample_schedule, noise,
+                           **sample_options)
+
+  @jax.jit
+  def invert(params, image, condition, code):
+    denoise_fn = lambda x_t, t: denoise(params, x_t, t, condition, code)
+    return samplers.ddim_invert(denoise_fn, sample_schedule, image, num_steps=sample_schedule.num_steps - 1)
+
+  return init, encode, denoise, generate, invert
 
 
 def make(config) -> System:
@@ -81,59 +176,29 @@ def make(config) -> System:
   if info.num_examples < config.batch_size:
     raise UserError(f'config.batch_size={config.batch_size} is larger than the {info.num_examples} images of '
                     f'config.data ({info.path}); a stage-2 album needs at least one batch of photos.')
-  unet = ADMUNet(**config.model, dtype=jnp.dtype(config.compute_dtype))
+  _check_data_has_physical(config, info)
   encoder = ResNet18(config.model.code_dim)
   encoder_trains_stats = not _encoder_frozen(config)
   base = schedules.make_schedule(config.diffusion.noise_schedule, config.diffusion.num_timesteps)
-  sample_schedule, sample_options = samplers.from_config(config, base)
-
-  def encode(params, image):
-    return encoder.apply({'params': params['encoder'], 'batch_stats': params['batch_stats']['encoder']}, image)
-
-  def init(key, batch):
-    unet_key, encoder_key = jax.random.split(key)
-    image = batch['image']
-    variables = encoder.init(encoder_key, image)
-    code = jnp.zeros((image.shape[0], config.model.code_dim))
-    x = jnp.concatenate([image, _condition(batch)], axis=-1)
-    return {'unet': unet.init(unet_key, x, jnp.zeros(x.shape[:1], jnp.int32), code=code)['params'],
-            'encoder': variables['params'], 'batch_stats': {'encoder': variables['batch_stats']}}
+  init, encode, denoise, generate, invert = networks(config)
 
   def loss_fn(params, batch, key):
     noise_key, dropout_key = jax.random.split(key)
-    image, condition = batch['image'], _condition(batch)
+    image, condition = batch['image'], conditioning(config, batch)
     stats = params['batch_stats']['encoder']
     code, updated = encoder.apply({'params': params['encoder'], 'batch_stats': stats}, image,
                                   train=encoder_trains_stats, mutable=['batch_stats'])
-    model_fn = lambda x_t, t: unet.apply({'params': params['unet']}, jnp.concatenate([x_t, condition], -1), t,
-                                         code=code, train=True, rngs={'dropout': dropout_key}).astype(jnp.float32)
+    model_fn = lambda x_t, t: denoise(params, x_t, t, condition, code, train=True, rngs={'dropout': dropout_key})
     per_example, aux = losses.diffusion_loss(base, model_fn, image, noise_key, learn_sigma=False,
                                              p2_gamma=config.diffusion.p2_gamma, p2_k=config.diffusion.p2_k)
     new_stats = updated['batch_stats'] if encoder_trains_stats else stats
     return per_example.mean(), {k: jnp.mean(v) for k, v in aux.items()}, {'batch_stats': {'encoder': new_stats}}
 
-  def denoiser(params, condition, code):
-    return lambda x_t, t: unet.apply({'params': params['unet']}, jnp.concatenate([x_t, condition], -1), t,
-                                     code=code).astype(jnp.float32)
-
-  @jax.jit
-  def generate(params, noise, condition, code):
-    """DDIM (config.sampler) from `noise` given buffers and codes; deterministic for eta=0."""
-    return samplers.sample(config.sampler.name, jax.random.key(0), denoiser(params, condition, code),
-                           sample_schedule, noise, **sample_options)
-
-  @jax.jit
-  def invert(params, image, condition, code):
-    """The noise from which `generate` (DDIM, eta=0) gives back `image`: DDIM inversion to the
-    level where it starts."""
-    return samplers.ddim_invert(denoiser(params, condition, code), sample_schedule, image,
-                                num_steps=sample_schedule.num_steps - 1)
-
   def sample(params, key):
     """Reconstructions of the first config.sample.num examples of config.data from their buffers and codes."""
     batch = next(iter(pipeline.make_eval_iterator(config.data, local_batch_size=config.sample.num)))
     noise = jax.random.normal(key, batch['image'].shape)
-    return generate(params, noise, _condition(batch), encode(params, batch['image']))
+    return generate(params, noise, conditioning(config, batch), encode(params, batch['image']))
 
   def edit(params, key, workdir):
     run_edits(config, params, key, workdir, generate, jax.jit(encode), invert)
@@ -141,9 +206,10 @@ def make(config) -> System:
   return System(init=init, loss_fn=loss_fn, sample=sample, commands={'edit': edit}, state_keys=('batch_stats',))
 
 
-def read_example(path: str, where: str, resolution: int) -> dict:
+def read_example(path: str, where: str, resolution: int, physical: dict | None = None) -> dict:
   """An image in [-1, 1] and its buffers (the .npz beside it), checked as datasets are
-  (data/rig_buffers.check_pair); light fitted and `rendered` computed when absent."""
+  (data/rig_buffers.check_pair); light fitted and `rendered` computed when absent. The
+  .npz must also hold the `physical` parts ({key: shape}) other than the light."""
   pixels = image_io.read_rgb(path, where)
   if pixels.shape[:2] != (resolution, resolution):
     raise UserError(f'{where}={path!r} is {pixels.shape[1]}x{pixels.shape[0]}; the model works at '
@@ -152,11 +218,16 @@ def read_example(path: str, where: str, resolution: int) -> dict:
   if not os.path.isfile(buffers_path):
     raise UserError(f'{where}={path!r} has no buffers {buffers_path!r} (normal, albedo, alpha, optional light).')
   with np.load(buffers_path) as f:
-    buffers = {k: f[k] for k in f.files}
+    stored = {k: f[k] for k in f.files}
   try:
-    buffers = rig_buffers.check_pair(pixels, buffers, estimate_light=True)
+    buffers = rig_buffers.check_pair(pixels, stored, estimate_light=True)
   except rig_buffers.BadPair as e:
     raise UserError(f'{where}: {buffers_path}: {e}') from None
+  for key, shape in (physical or {}).items():
+    if key != 'light' and np.shape(stored.get(key)) != shape:
+      raise UserError(f"{where}: {buffers_path} has {key} of shape {np.shape(stored.get(key))}; "
+                      f"config.model.condition='vector' needs {', '.join(f'{k} {s}' for k, s in physical.items())}.")
+    buffers.setdefault(key, np.asarray(stored[key], np.float32))
   return dict(buffers, image=image_io.to_float(pixels))
 
 
@@ -211,10 +282,11 @@ def run_edits(config, params, key, workdir, generate, encode, invert):
     raise UserError(f'config.edit.invert=True with config.sampler.name={sampler.name!r}, eta={sampler.eta}, '
                     f'steps={sampler.steps}; DDIM inversion gives back the input under ddim with eta=0 and at '
                     'least 2 steps.')
-  source = lambda name: read_example(e[name], f'config.edit.{name}', res) if e[name] else None
+  parts = _physical_parts(config)
+  source = lambda name: read_example(e[name], f'config.edit.{name}', res, parts) if e[name] else None
   light = _read_light(e.light) if e.light else None
   light_from, code_from, buffers_from = source('light_from'), source('code_from'), source('buffers_from')
-  examples = [read_example(p, 'config.edit.input', res) for p in inputs]  # every file checked before any output
+  examples = [read_example(p, 'config.edit.input', res, parts) for p in inputs]  # all checked before any output
   if not any((light is not None, light_from, e.rotate_degrees, code_from, buffers_from, e.model_from)):
     raise UserError('config.edit: no edit asked for; set light, light_from, rotate_degrees, code_from, '
                     'buffers_from or model_from.')
@@ -233,8 +305,9 @@ def run_edits(config, params, key, workdir, generate, encode, invert):
     if code_from:
       edits.append(('code_swap', example, encode(params, code_from['image'][None])[0]))
     if buffers_from:
-      edits.append(('buffer_swap', dict(example, **{k: buffers_from[k] for k in rig_subjects.BUFFERS}), code))
-    condition = jnp.stack([jnp.concatenate([ex[k] for k in rig_subjects.BUFFERS], -1) for _, ex, _ in edits])
+      swapped = (*rig_subjects.BUFFERS, *parts)
+      edits.append(('buffer_swap', dict(example, **{k: buffers_from[k] for k in swapped}), code))
+    condition = jnp.stack([_example_condition(config, ex) for _, ex, _ in edits])
     codes = jnp.stack([c for _, _, c in edits])
     if e.invert:  # edits[0] is the input as it is
       noise = invert(params, example['image'][None], condition[:1], codes[:1])
