@@ -262,3 +262,40 @@ def test_cli_round_trip(tmp_path):
 
   again = cli('--image_size=32')
   assert again.returncode == 2 and 'already exists' in again.stderr
+
+
+@pytest.mark.parametrize('kernel_size,stride', [(3, 1), (1, 1), (3, 2)])
+def test_conv2d_gradients_equal_xla_autodiff(kernel_size, stride):
+  conv = layers.conv2d(8, kernel_size, stride)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+  params = conv.init(jax.random.key(0), x)['params']
+  pad = ((kernel_size // 2,) * 2,) * 2
+
+  def reference(p, x):
+    return jax.lax.conv_general_dilated(x, p['kernel'], (stride, stride), pad,
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + p['bias']
+
+  loss = lambda f: jax.grad(lambda p, x: jnp.sum(jnp.sin(f(p, x))), argnums=(0, 1))
+  got = loss(lambda p, x: conv.apply({'params': p}, x))(params, x)
+  want = loss(reference)(params, x)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_matches_two_pass_formula_and_its_gradient():
+  x = 3 * jax.random.normal(jax.random.key(0), (2, 8, 8, 64)) + 2
+  params = {'scale': 1 + jax.random.normal(jax.random.key(1), (64,)),
+            'bias': jax.random.normal(jax.random.key(2), (64,))}
+  weights = jax.random.normal(jax.random.key(3), x.shape)
+
+  def two_pass(p, x):
+    grouped = x.reshape(2, 8, 8, 32, 2)
+    mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
+    var = jnp.square(grouped - mean).mean(axis=(1, 2, 4), keepdims=True)
+    return ((grouped - mean) * jax.lax.rsqrt(var + 1e-5)).reshape(x.shape) * p['scale'] + p['bias']
+
+  one_pass = lambda p, x: layers.GroupNorm32().apply({'params': p}, x)
+  np.testing.assert_allclose(one_pass(params, x), two_pass(params, x), atol=1e-5)
+  loss = lambda f: jax.grad(lambda p, x: jnp.sum(jnp.sin(f(p, x)) * weights), argnums=(0, 1))
+  for g, w in zip(jax.tree.leaves(loss(one_pass)(params, x)), jax.tree.leaves(loss(two_pass)(params, x))):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)

@@ -7,6 +7,7 @@ defaults (uniform ±1/sqrt(fan_in) kernels) so training from scratch starts
 where guided_diffusion starts; biases start at zero.
 """
 
+import functools
 import math
 from typing import Any
 
@@ -39,11 +40,63 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
   return emb
 
 
+def _group_mean(x, num_groups: int):
+  """Mean of x [B, ..., C] per image and group of channels, [B, G]."""
+  return x.reshape(x.shape[0], -1, num_groups, x.shape[-1] // num_groups).mean(axis=(1, 3))
+
+
+def _group_stats(x, num_groups: int, epsilon: float):
+  """(mean, 1/std) per image and group, [B, G], in one pass over x (E[x²] − E[x]²)."""
+  mean = _group_mean(x, num_groups)
+  var = _group_mean(jnp.square(x), num_groups) - jnp.square(mean)
+  return mean, jax.lax.rsqrt(jnp.maximum(var, 0.0) + epsilon)
+
+
+def _per_channel(group_values, x):
+  """[B, G] → [B, 1, ..., 1, C], each group's value on its channels."""
+  per_channel = jnp.repeat(group_values, x.shape[-1] // group_values.shape[-1], axis=-1)
+  return per_channel.reshape(x.shape[:1] + (1,) * (x.ndim - 2) + x.shape[-1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm(x, scale, bias, num_groups: int, epsilon: float):
+  """GroupNorm of float32 x [B, ..., C] over its non-batch axes per group of channels, then affine.
+
+  Its own gradient: autodiff of the two-pass formula makes XLA reduce the
+  activations six times in the backward pass, this one reduces four times.
+  """
+  return _group_norm_forward(x, scale, bias, num_groups, epsilon)[0]
+
+
+def _group_norm_forward(x, scale, bias, num_groups, epsilon):
+  mean, inv_std = _group_stats(x, num_groups, epsilon)
+  normalized = (x - _per_channel(mean, x)) * _per_channel(inv_std, x)
+  return normalized * scale + bias, (x, mean, inv_std, scale)
+
+
+def _group_norm_backward(num_groups, epsilon, saved, grad_out):
+  del epsilon
+  x, mean, inv_std, scale = saved
+  normalized = (x - _per_channel(mean, x)) * _per_channel(inv_std, x)
+  axes = tuple(range(x.ndim - 1))
+  grad_scale, grad_bias = jnp.sum(grad_out * normalized, axis=axes), jnp.sum(grad_out, axis=axes)
+  grad_norm = grad_out * scale
+  mean_grad = _group_mean(grad_norm, num_groups)
+  mean_grad_dot = _group_mean(grad_norm * normalized, num_groups)
+  grad_x = _per_channel(inv_std, x) * (grad_norm - _per_channel(mean_grad, x)
+                                       - normalized * _per_channel(mean_grad_dot, x))
+  return grad_x, grad_scale, grad_bias
+
+
+group_norm.defvjp(_group_norm_forward, _group_norm_backward)
+
+
 class GroupNorm32(nn.Module):
   """GroupNorm over the last (channel) axis, computed in float32.
 
-  guided_diffusion's `normalization(ch)`: 32 groups, eps 1e-5, two-pass
-  variance, affine; the result is cast back to the input dtype.
+  guided_diffusion's `normalization(ch)`: 32 groups, eps 1e-5, affine; the
+  result is cast back to the input dtype. The statistics take one pass
+  (`group_norm`), the same as guided_diffusion's two-pass ones up to float32 rounding.
   """
   num_groups: int = 32
   epsilon: float = 1e-5
@@ -56,13 +109,62 @@ class GroupNorm32(nn.Module):
                       f'{self.num_groups} groups; use channel counts that are multiples of 32.')
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    h = x.astype(jnp.float32)
-    grouped = h.reshape(*h.shape[:-1], self.num_groups, c // self.num_groups)
-    axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
-    mean = grouped.mean(axis=axes, keepdims=True)
-    var = jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
-    h = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(h.shape)
-    return (h * scale + bias).astype(x.dtype)
+    return group_norm(x.astype(jnp.float32), scale, bias, self.num_groups, self.epsilon).astype(x.dtype)
+
+
+def _im2col(x, kernel_hw, padding):
+  """[B, H', W', kh·kw·C]: the padded input's kh×kw windows, in HWIO kernel order."""
+  rows = x.shape[1] + sum(padding[0]) - kernel_hw[0] + 1
+  cols = x.shape[2] + sum(padding[1]) - kernel_hw[1] + 1
+  padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  return jnp.concatenate([padded[:, i:i + rows, j:j + cols] for i in range(kernel_hw[0])
+                          for j in range(kernel_hw[1])], axis=-1)
+
+
+def _conv_nhwc(x, kernel, padding):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_matmul_filter_grad(x, kernel, padding):
+  """A stride-1 NHWC convolution whose kernel gradient is one matmul over im2col windows.
+
+  XLA's CPU backend lowers the kernel gradient as a convolution with an image-sized
+  window, which is slower than the matmul (the input gradient stays XLA's).
+  """
+  return _conv_nhwc(x, kernel, padding)
+
+
+def _conv_forward(x, kernel, padding):
+  return _conv_nhwc(x, kernel, padding), (x, kernel)
+
+
+def _conv_backward(padding, saved, grad_out):
+  x, kernel = saved
+  grad_x = jax.vjp(lambda x: _conv_nhwc(x, kernel, padding), x)[1](grad_out)[0]
+  windows = _im2col(x, kernel.shape[:2], padding)
+  grad_kernel = windows.reshape(-1, windows.shape[-1]).T @ grad_out.reshape(-1, grad_out.shape[-1])
+  return grad_x, grad_kernel.reshape(kernel.shape)
+
+
+_conv_matmul_filter_grad.defvjp(_conv_forward, _conv_backward)
+
+
+def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                          dimension_numbers=None, feature_group_count=1, precision=None,
+                          preferred_element_type=None):
+  """lax.conv_general_dilated for nn.Conv, with the matmul kernel gradient where it applies.
+
+  Only on CPU, where it measured faster (bench adm: UNet gradient 1.80 → 1.52 s wall at load 2).
+  """
+  plain = (jax.default_backend() == 'cpu' and tuple(window_strides) == (1, 1) and feature_group_count == 1 and precision is None
+           and preferred_element_type is None and not isinstance(padding, str)
+           and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation)))
+  if plain:
+    return _conv_matmul_filter_grad(lhs, rhs, tuple(tuple(p) for p in padding))
+  return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                      dimension_numbers, feature_group_count, precision=precision,
+                                      preferred_element_type=preferred_element_type)
 
 
 def conv2d(features: int, kernel_size: int = 3, stride: int = 1, *, zero_init: bool = False,
@@ -77,7 +179,7 @@ def conv2d(features: int, kernel_size: int = 3, stride: int = 1, *, zero_init: b
       features, (kernel_size, kernel_size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
       dtype=dtype, param_dtype=jnp.float32,
       kernel_init=nn.initializers.zeros if zero_init else torch_kernel_init,
-      bias_init=nn.initializers.zeros, name=name)
+      bias_init=nn.initializers.zeros, conv_general_dilated=_conv_general_dilated, name=name)
 
 
 def dense(features: int, *, zero_init: bool = False, dtype: Dtype = jnp.float32,
