@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from visgen_jax.bench.common import best_time
+from visgen_jax.bench.common import best_time, flops_report, torch_op_profile
 from visgen_jax.convert.guided_diffusion import convert_unet_state_dict
 from visgen_jax.diffusion import samplers, schedules
 from visgen_jax.systems.adm import make_unet
@@ -179,7 +179,7 @@ def train_images_per_s(ours: _Flax, theirs: _Torch, repeats=3):
 
 def ddim50_images_per_s(config, torch, model, ddim, repeats=1):
   unet = make_unet(config.model)
-  params = convert_unet_state_dict({k: v.numpy() for k, v in model.state_dict().items()}, unet)
+  params = jax.device_put(convert_unet_state_dict({k: v.numpy() for k, v in model.state_dict().items()}, unet))
   schedule = schedules.respace(schedules.make_schedule(config.diffusion.noise_schedule,
                                                        config.diffusion.num_timesteps), 'ddim50')
   x_T = jax.random.normal(jax.random.key(1), (BATCH, SIZE, SIZE, 3))
@@ -263,15 +263,6 @@ def flax_top_ops(ours: _Flax, n=TOP_OPS) -> dict:
           'slowest': [{'thunk': name, 'op': ops[name], 'ms': round(ms, 1)} for name, ms in per_thunk.most_common(n)]}
 
 
-def torch_top_ops(theirs: _Torch, n=TOP_OPS) -> list:
-  """torch.profiler's n ops with the most self CPU time in one training step."""
-  theirs.train_step()
-  with theirs.torch.profiler.profile(activities=[theirs.torch.profiler.ProfilerActivity.CPU]) as prof:
-    theirs.train_step()
-  events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
-  return [{'op': e.key, 'calls': e.count, 'self_ms': round(e.self_cpu_time_total / 1e3, 1)} for e in events]
-
-
 _TORCH_MEMORY = '''
 import json, resource, sys, numpy as np, torch
 from visgen_jax.bench import adm
@@ -319,14 +310,17 @@ def run() -> dict:
   train_ours, train_theirs = train_images_per_s(ours, theirs)
   sample_ours, sample_theirs = ddim50_images_per_s(config, torch, model, ddim)
   result = {
-      'machine': f'{os.cpu_count()} CPU cores, torch threads {THREADS}, jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}',
+      'machine': (f'{os.cpu_count()} CPU cores, torch threads {THREADS}, jax {jax.__version__} '
+                  f'({jax.default_backend()}), torch {torch.__version__}'),
       'load_average': os.getloadavg(),
       'model': f'ADM {SIZE}x{SIZE}, 64 ch, mult 1,2,2, 2 res blocks, attention at 16, learned sigma, batch {BATCH}',
       'train_images_per_s': {'flax': train_ours, 'torch': train_theirs, 'ratio': train_ours / train_theirs},
       'ddim50_images_per_s': {'flax': sample_ours, 'torch': sample_theirs, 'ratio': sample_ours / sample_theirs},
       'ddim_step_s': {'flax': 1 / sample_ours * BATCH / 50, 'torch': 1 / sample_theirs * BATCH / 50},
+      'train_step_flops': flops_report(ours.step, (ours.state, ours.batch), BATCH / train_ours,
+                                       dtype=config.compute_dtype),
       'parts': parts(ours, theirs),
-      'top_ops': {'flax': flax_top_ops(ours), 'torch': torch_top_ops(theirs)},
+      'top_ops': {'flax': flax_top_ops(ours), 'torch': torch_op_profile(theirs.train_step, calls=1, top=TOP_OPS)},
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
   }
   if os.environ.get('VISGEN_BENCH_ADM_MEMORY') == '1':
