@@ -36,7 +36,8 @@ def get_config(arg=None):
       image_size=256, in_channels=3, model_channels=128, out_channels=6, num_res_blocks=2,
       attention_resolutions=(16,), dropout=0.1, channel_mult=(1, 1, 2, 2, 4, 4), num_classes=0,
       num_heads=1, num_head_channels=-1, num_heads_upsample=-1, use_scale_shift_norm=True,
-      resblock_updown=True, use_new_attention_order=False, code_dim=0))
+      resblock_updown=True, use_new_attention_order=False, code_dim=0,
+      remat=False))  # True: recompute each ResBlock in the backward pass (less memory, more time)
   c.diffusion = ml_collections.ConfigDict(dict(
       noise_schedule='linear', num_timesteps=1000, learn_sigma=True,
       p2_gamma=1.0, p2_k=1.0))  # P2 weighting (Choi et al.), as DiffusionRig trains

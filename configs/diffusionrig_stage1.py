@@ -44,7 +44,7 @@ def get_config(arg=None):
       image_size=256, in_channels=diffusionrig.IN_CHANNELS['buffers'], model_channels=128, out_channels=3,
       num_res_blocks=2, attention_resolutions=(16,), dropout=0.1, channel_mult=(1, 1, 2, 2, 4, 4), num_classes=0,
       num_heads=1, num_head_channels=-1, num_heads_upsample=-1, use_scale_shift_norm=True, resblock_updown=True,
-      use_new_attention_order=False, code_dim=64))
+      use_new_attention_order=False, code_dim=64, remat=False))  # remat: see configs/adm_ffhq256.py
   c.diffusion = ml_collections.ConfigDict(dict(noise_schedule='linear', num_timesteps=1000, learn_sigma=False,
                                                p2_gamma=1.0, p2_k=1.0))
   c.sampler = ml_collections.ConfigDict(dict(name='ddim', steps=20, eta=0.0, guidance_scale=0.0))
