@@ -116,7 +116,7 @@ def test_init_from_a_guided_diffusion_checkpoint_and_its_conversion(tmp_path):
   config = small('total_steps=1', 'optimizer.learning_rate=0.0', 'ckpt_every=1')
   fields = config.model.to_dict()
   torch.manual_seed(0)
-  args = {k: v for k, v in fields.items() if k not in ('code_dim', 'num_classes')}
+  args = {k: v for k, v in fields.items() if k not in ('code_dim', 'num_classes', 'remat')}
   args['attention_resolutions'] = tuple(fields['image_size'] // r for r in fields['attention_resolutions'])
   model = unet.UNetModel(**args)
   with torch.no_grad():
