@@ -112,61 +112,6 @@ class GroupNorm32(nn.Module):
     return group_norm(x.astype(jnp.float32), scale, bias, self.num_groups, self.epsilon).astype(x.dtype)
 
 
-def _im2col(x, kernel_hw, padding):
-  """[B, H', W', kh·kw·C]: the padded input's kh×kw windows, in HWIO kernel order."""
-  rows = x.shape[1] + sum(padding[0]) - kernel_hw[0] + 1
-  cols = x.shape[2] + sum(padding[1]) - kernel_hw[1] + 1
-  padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  return jnp.concatenate([padded[:, i:i + rows, j:j + cols] for i in range(kernel_hw[0])
-                          for j in range(kernel_hw[1])], axis=-1)
-
-
-def _conv_nhwc(x, kernel, padding):
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_matmul_filter_grad(x, kernel, padding):
-  """A stride-1 NHWC convolution whose kernel gradient is one matmul over im2col windows.
-
-  XLA's CPU backend lowers the kernel gradient as a convolution with an image-sized
-  window, which is slower than the matmul (the input gradient stays XLA's).
-  """
-  return _conv_nhwc(x, kernel, padding)
-
-
-def _conv_forward(x, kernel, padding):
-  return _conv_nhwc(x, kernel, padding), (x, kernel)
-
-
-def _conv_backward(padding, saved, grad_out):
-  x, kernel = saved
-  grad_x = jax.vjp(lambda x: _conv_nhwc(x, kernel, padding), x)[1](grad_out)[0]
-  windows = _im2col(x, kernel.shape[:2], padding)
-  grad_kernel = windows.reshape(-1, windows.shape[-1]).T @ grad_out.reshape(-1, grad_out.shape[-1])
-  return grad_x, grad_kernel.reshape(kernel.shape)
-
-
-_conv_matmul_filter_grad.defvjp(_conv_forward, _conv_backward)
-
-
-def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                          dimension_numbers=None, feature_group_count=1, precision=None,
-                          preferred_element_type=None):
-  """lax.conv_general_dilated for nn.Conv, with the matmul kernel gradient where it applies.
-
-  Only on CPU, where it measured faster (bench adm: UNet gradient 1.80 → 1.52 s wall at load 2).
-  """
-  plain = (jax.default_backend() == 'cpu' and tuple(window_strides) == (1, 1) and feature_group_count == 1 and precision is None
-           and preferred_element_type is None and not isinstance(padding, str)
-           and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation)))
-  if plain:
-    return _conv_matmul_filter_grad(lhs, rhs, tuple(tuple(p) for p in padding))
-  return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                      dimension_numbers, feature_group_count, precision=precision,
-                                      preferred_element_type=preferred_element_type)
-
-
 def conv2d(features: int, kernel_size: int = 3, stride: int = 1, *, zero_init: bool = False,
            dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
   """A PyTorch-equivalent Conv2d (padding k//2 on every side), NHWC/HWIO.
@@ -179,7 +124,7 @@ def conv2d(features: int, kernel_size: int = 3, stride: int = 1, *, zero_init: b
       features, (kernel_size, kernel_size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
       dtype=dtype, param_dtype=jnp.float32,
       kernel_init=nn.initializers.zeros if zero_init else torch_kernel_init,
-      bias_init=nn.initializers.zeros, conv_general_dilated=_conv_general_dilated, name=name)
+      bias_init=nn.initializers.zeros, name=name)
 
 
 def dense(features: int, *, zero_init: bool = False, dtype: Dtype = jnp.float32,
