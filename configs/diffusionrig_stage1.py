@@ -19,6 +19,7 @@ held out for stage 2.
 
 import ml_collections
 
+import adm_ffhq256
 from visgen_jax.systems import diffusionrig
 from visgen_jax.train import config as config_lib
 
@@ -39,12 +40,10 @@ def get_config(arg=None):
   c.sample.num = 8
   c.data = ml_collections.ConfigDict(dict(name='rig_subjects', resolution=256, subjects='others', album_subject=0,
                                           path='', random_flip=True, worker_count=0, prefetch=2))
-  c.model = ml_collections.ConfigDict(dict(
-      condition='buffers',  # or 'vector' (the ablation): with in_channels=3 and data.random_flip=False
-      image_size=256, in_channels=diffusionrig.IN_CHANNELS['buffers'], model_channels=128, out_channels=3,
-      num_res_blocks=2, attention_resolutions=(16,), dropout=0.1, channel_mult=(1, 1, 2, 2, 4, 4), num_classes=0,
-      num_heads=1, num_head_channels=-1, num_heads_upsample=-1, use_scale_shift_norm=True, resblock_updown=True,
-      use_new_attention_order=False, code_dim=64, remat=False))  # remat: see configs/adm_ffhq256.py
+  # ADM's 256² UNet (configs/adm_ffhq256.py) with the buffers concatenated, ε only, and the 64-d code.
+  c.model = adm_ffhq256.get_config().model
+  c.model.update(in_channels=diffusionrig.IN_CHANNELS['buffers'], out_channels=3, code_dim=64)
+  c.model.condition = 'buffers'  # or 'vector' (the ablation): with in_channels=3 and data.random_flip=False
   c.diffusion = ml_collections.ConfigDict(dict(noise_schedule='linear', num_timesteps=1000, learn_sigma=False,
                                                p2_gamma=1.0, p2_k=1.0))
   c.sampler = ml_collections.ConfigDict(dict(name='ddim', steps=20, eta=0.0, guidance_scale=0.0))
