@@ -13,6 +13,7 @@ is the closest). Not reproduced: Mask2Former's zero weight decay on norms and em
   python -m visgen_jax.main --config=configs/proposals_coco.py --workdir=DIR \\
       --config.data.path=/data/coco_pan_train --config.init_from=resnet50-0676ba61.pth
   ... --mode=propose --config.data.path=/data/coco_pan_val   # → DIR/proposals/coco_pan_val-step<N>/
+  ... --mode=eval --config.evals.recall.path=/data/coco_pan_val  # class-agnostic recall, AR
 """
 
 import ml_collections
@@ -50,6 +51,9 @@ def get_config(arg=None):
   # --mode=propose: per image the `topk` masks of highest object score above `score_threshold`,
   # as bool masks (float16 logits with logits=True), into `out` ('' = WORKDIR/proposals/...).
   c.propose = ml_collections.ConfigDict(dict(out='', topk=100, score_threshold=0.0, logits=False))
+  # --mode=eval (and every eval_every steps): recall of those proposals on `path` ('' = data.path),
+  # its first `max_images` (0 = all); visgen_jax/eval/proposal_recall.py.
+  c.evals.recall = ml_collections.ConfigDict(dict(type='proposal_recall', path='', max_images=0))
   return config_lib.variant(c, arg, __file__, tiny=tiny)
 
 

@@ -8,6 +8,7 @@ import pytest
 from visgen_jax import eval as eval_lib
 from visgen_jax.data import segmentation as seg_data
 from visgen_jax.errors import UserError
+from visgen_jax.eval import proposal_recall
 from visgen_jax.eval import segmentation as seg_eval
 from visgen_jax.systems import System
 from visgen_jax.train import config as config_lib
@@ -62,11 +63,12 @@ def test_evaluators_are_built_from_config_evals_and_prefix_their_results():
 
 
 @pytest.mark.parametrize('change, system, message', [
-    (dict(type='fidd'), FAKE_SYSTEM, r"config.evals.seg.type='fidd' is not an evaluator type; allowed: fid, segmentation"),
+    (dict(type='fidd'), FAKE_SYSTEM, r"config.evals.seg.type='fidd' is not an evaluator type; allowed: fid, proposal_recall, segmentation"),
     (dict(max_image=3), FAKE_SYSTEM, r'config.evals.seg.max_image is not a setting .*max_images'),
     (dict(max_images=-1), FAKE_SYSTEM, r'config.evals.seg.max_images=-1 is not allowed'),
     (dict(path='/nonexistent/coco'), FAKE_SYSTEM, r"config.evals.seg.path='/nonexistent/coco' is not a segmentation dataset"),
     ({}, System(init=None, loss_fn=None), r"config.evals.seg.type=segmentation needs a system that segments"),
+    (dict(type='proposal_recall'), FAKE_SYSTEM, r"config.evals.seg.type=proposal_recall needs a system that proposes masks"),
 ])
 def test_settings_are_checked_when_built(change, system, message):
   config = config_lib.load_config(MASKCLIP)
@@ -74,6 +76,24 @@ def test_settings_are_checked_when_built(change, system, message):
   config.evals.seg.update(change)
   with pytest.raises(UserError, match=message):
     eval_lib.build_evaluators(config, system)
+
+
+def test_best_iou_and_recall_thresholds():
+  segments = np.zeros((2, 4, 4), bool)
+  segments[0, :2] = True  # top half (8 pixels)
+  segments[1, 3, 3] = True  # one pixel
+  proposals = np.zeros((2, 4, 4), bool)
+  proposals[0, :1] = True  # top row: IoU 4/8 with the top half
+  proposals[1, :3] = True  # top three rows: IoU 8/12
+  np.testing.assert_allclose(proposal_recall.best_iou(proposals, segments), [8 / 12, 0.0])
+  np.testing.assert_array_equal(proposal_recall.best_iou(proposals[:0], segments), [0.0, 0.0])
+  recall = proposal_recall.Recall()
+  recall.update(proposals, segments, [True, False])
+  recall.update(segments[:1], segments[:1], [True])  # an exact match
+  # Best IoUs 2/3, 0, 1: thresholds 0.5, 0.55, 0.6, 0.65 pass 2/3; AR = (4·2 + 6·1) / 30.
+  assert recall.compute() == {'recall_50': 2 / 3, 'recall_75': 1 / 3, 'average_recall': 14 / 30,
+                              'average_recall_things': 14 / 20, 'average_recall_stuff': 0.0,
+                              'segments': 3, 'images': 2}
 
 
 def test_an_instance_that_is_not_a_group_of_settings():

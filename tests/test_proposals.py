@@ -22,6 +22,7 @@ from visgen_jax.convert import pytorch
 from visgen_jax.data import segmentation as seg_data
 from visgen_jax.data.segmentation import sample as seg_sample
 from visgen_jax.errors import UserError
+from visgen_jax.eval import proposal_recall
 from visgen_jax.models.mask2former import Mask2Former
 from visgen_jax.systems import proposals
 from visgen_jax.train import config as config_lib
@@ -66,6 +67,25 @@ def test_propose_writes_proposals_a_maskclip_dataset_is_built_with(trained, tmp_
                                         max_segments=8, max_proposals=10, proposals='stored'))
   batch = next(seg_data.make_segmentation_iterator(data, local_batch_size=2, train=False))
   assert batch['proposal_valid'].any() and batch['proposals'].shape == (2, 10, 64, 64)
+
+
+def test_eval_reports_recall_equal_to_the_proposals_scored_directly(trained):
+  result = run_main(f'--config={TINY}', f'--workdir={trained}', '--mode=eval', '--config.evals.recall.max_images=6',
+                    *SMALLER, check=True)
+  printed = json.loads(result.stdout.strip().splitlines()[-1])
+  assert printed['step'] == 2 and printed['recall/images'] == 6
+
+  # The same network's proposals scored here, in two process shards merged.
+  config = config_lib.load_config(TINY)
+  model, params = proposals.load_network(trained, 'the test run', config)
+  propose = proposals.make_proposer(model, params, 64, config.propose.topk)
+  source, info = seg_data.make_segmentation_source(config.data)
+  first, second = (proposal_recall.recall_shard(propose, source, info.categories, 6, i, 2) for i in (0, 1))
+  assert (first.images, second.images) == (3, 3)
+  first.merge(second)
+  expected = first.compute()
+  assert expected['segments'] > 6 and 0 < expected['average_recall'] <= expected['recall_50']
+  assert {f'recall/{k}': float(v) for k, v in expected.items()} == {k: v for k, v in printed.items() if k != 'step'}
 
 
 def test_segment_without_proposals_runs_the_proposal_network(trained, tmp_path):
@@ -219,7 +239,7 @@ def test_proposer_bad_input_and_empty_result(tmp_path):
 
   # Nothing above the threshold: a defined empty result, written and read back as such.
   config = config_lib.load_config(TINY, [f'propose.out={tmp_path / "out"}', 'propose.score_threshold=0.5'])
-  proposals.write_proposals(config, model, params, str(tmp_path / 'run'))
+  proposals.write_proposals(config, propose, str(tmp_path / 'run'))
   masks, scores = seg_data.load_proposals(str(tmp_path / 'out' / 'shapes_000.npz'), seg_sample.SAMPLE_HW)
   assert masks.shape == (0, *seg_sample.SAMPLE_HW) and scores.shape == (0,)
   for key, value, words in [('propose.topk', '0', 'keep at least 1'), ('model.num_classes', '3', 'class-agnostic'),

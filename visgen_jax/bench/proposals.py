@@ -34,6 +34,7 @@ from visgen_jax.bench import oracles
 from visgen_jax.convert import mask2former as m2f_convert
 from visgen_jax.data import segmentation as seg_data
 from visgen_jax.data.segmentation import sample as seg_sample
+from visgen_jax.eval import proposal_recall
 from visgen_jax.models import clip as clip_lib
 from visgen_jax.models import resnet
 from visgen_jax.models.mask2former import Mask2Former
@@ -162,17 +163,6 @@ def grid_boxes(height: int, width: int, grids) -> np.ndarray:
   return np.stack(masks)
 
 
-def matched_segments(proposals_masks, segment_masks, threshold: float = 0.5) -> np.ndarray:
-  """Bool [G]: whether some proposal [K, H, W] overlaps each segment [G, H, W] with IoU ≥ threshold."""
-  if len(proposals_masks) == 0:
-    return np.zeros(len(segment_masks), bool)
-  p = proposals_masks.reshape(len(proposals_masks), -1).astype(np.float32)
-  g = segment_masks.reshape(len(segment_masks), -1).astype(np.float32)
-  intersection = g @ p.T
-  union = g.sum(1)[:, None] + p.sum(1)[None] - intersection
-  return (intersection / np.maximum(union, 1)).max(1) >= threshold
-
-
 def trained_tiny_network(steps=RECALL_STEPS, batch=RECALL_BATCH):
   """(config, Mask2Former, params) of the tiny network trained on the built-in set (reused)."""
   workdir = os.path.join(os.environ.get('VISGEN_BENCH_DIR', os.path.join(tempfile.gettempdir(), 'visgen_bench')),
@@ -197,9 +187,9 @@ def recall(threshold: float = 0.5) -> dict:
     is_thing.extend(seg_sample.SAMPLE_CATEGORIES[s[1]]['isthing'] for s in segments)
     masks, _ = propose(image, f'held-out image {i}')
     counts.append(len(masks))
-    found['network'].append(matched_segments(masks > 0, truth, threshold))
+    found['network'].append(proposal_recall.best_iou(masks > 0, truth) >= threshold)
     for name, grids in GRIDS.items():
-      found[name].append(matched_segments(grid_boxes(*ids.shape, grids), truth, threshold))
+      found[name].append(proposal_recall.best_iou(grid_boxes(*ids.shape, grids), truth) >= threshold)
   is_thing = np.array(is_thing)
   result = {'recall_images': len(HELD_OUT), 'recall_segments': int(is_thing.size),
             'recall_train_steps': RECALL_STEPS, 'recall_network_proposals_per_image': float(np.mean(counts))}

@@ -384,15 +384,10 @@ def evaluate_shard(predict, data_config, categories, options, limit, process_ind
   return metrics
 
 
-@register('segmentation', path='', max_images=0)
-def build_segmentation(config, settings, system, where):
-  """mIoU, PQ / SQ / RQ and mask AP of `system.segmenter` on a segmentation dataset
-  (data/segmentation/): settings.path ('' = config.data's dataset), read as config.data says
-  (resolution, proposals), its first settings.max_images images (0 = all), post-processed with
-  config.inference as the system's own commands do."""
-  if system.segmenter is None:
-    raise UserError(f'{where}.type=segmentation needs a system that segments; '
-                    f'config.system={config.system!r} does not.')
+def dataset(config, settings, where):
+  """(data config, source, info, image count) of the evaluator settings' segmentation dataset:
+  settings.path ('' = config.data's dataset) read as config.data says, its first
+  settings.max_images images (0 = all). UserErrors name `where`.<key>."""
   if not isinstance(settings.max_images, int) or settings.max_images < 0:
     raise UserError(f'{where}.max_images={settings.max_images!r} is not allowed: use 0 (all '
                     'images) or a positive count.')
@@ -403,8 +398,20 @@ def build_segmentation(config, settings, system, where):
                       'with python data_prep/build_segmentation_dataset.py --format=... '
                       '--src=DIR --split=val --out=DIR.')
     data.update(name='segmentation', path=settings.path)
-  _, info = seg_data.make_segmentation_source(data)
-  limit = min(settings.max_images or info.num_examples, info.num_examples)
+  source, info = seg_data.make_segmentation_source(data)
+  return data, source, info, min(settings.max_images or info.num_examples, info.num_examples)
+
+
+@register('segmentation', path='', max_images=0)
+def build_segmentation(config, settings, system, where):
+  """mIoU, PQ / SQ / RQ and mask AP of `system.segmenter` on a segmentation dataset
+  (data/segmentation/): settings.path ('' = config.data's dataset), read as config.data says
+  (resolution, proposals), its first settings.max_images images (0 = all), post-processed with
+  config.inference as the system's own commands do."""
+  if system.segmenter is None:
+    raise UserError(f'{where}.type=segmentation needs a system that segments; '
+                    f'config.system={config.system!r} does not.')
+  data, _, info, limit = dataset(config, settings, where)
 
   def evaluate(params, step):
     del step  # inference is deterministic

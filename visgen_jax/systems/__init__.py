@@ -42,6 +42,10 @@ class System:
   # proposals only, cropped to valid_hw. Used by the 'segmentation' evaluator (visgen_jax/eval);
   # None if the system does not segment.
   segmenter: Optional[Callable[[Any, Any], Callable[[dict], tuple]]] = None
+  # params -> propose(image uint8 [H, W, 3], where) -> data.segmentation.records.Proposals: class-
+  # agnostic mask proposals (systems/proposals.make_proposer). Used by the 'proposal_recall'
+  # evaluator; None if the system does not propose masks.
+  proposer: Optional[Callable[[Any], Callable]] = None
   # Top-level params keys that hold model state the forward pass updates (e.g.
   # 'batch_stats'): not trained, no EMA; see visgen_jax/train/trainer.py.
   state_keys: tuple = ()

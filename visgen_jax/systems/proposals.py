@@ -162,19 +162,22 @@ def make(config) -> System:
 
   def propose(params, key, workdir):
     del key  # inference is deterministic
-    write_proposals(config, model, process_local(params), workdir)
+    write_proposals(config, proposer(process_local(params)), workdir)
 
-  return System(init=init, loss_fn=loss_fn, commands={'propose': propose})
+  def proposer(params):
+    size = folder.parse_resolution(config.data.resolution, 'data.resolution')[0]
+    return make_proposer(model, params, size, config.propose.topk, config.propose.score_threshold)
+
+  return System(init=init, loss_fn=loss_fn, commands={'propose': propose}, proposer=proposer)
 
 
-def write_proposals(config, model, params, workdir: str):
-  """--mode=propose: this process's share of config.data's images as <image_id>.npz files."""
+def write_proposals(config, propose, workdir: str):
+  """--mode=propose: this process's share of config.data's images, proposed by `propose`
+  (make_proposer's), as <image_id>.npz files."""
   source, info = seg_data.make_segmentation_source(config.data)
   p = config.propose
   step = checkpoint.latest_step(os.path.join(workdir, 'checkpoints'))
   out = p.out or os.path.join(workdir, 'proposals', f'{os.path.basename(info.path)}-step{step}')
-  size = folder.parse_resolution(config.data.resolution, 'data.resolution')[0]
-  propose = make_proposer(model, params, size, p.topk, p.score_threshold)
   mine = range(jax.process_index(), info.num_examples, jax.process_count())
   written = kept = empty = 0
   for i in tqdm(mine, desc='propose', unit='image', disable=jax.process_index() != 0):
