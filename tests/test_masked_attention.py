@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from visgen_jax.errors import UserError
 from visgen_jax.kernels.masked_attention import (block_schedule, dense_mask, masked_attention,
                                                  masked_attention_reference)
-from visgen_jax.nn.attention import mask_token_attention
+from visgen_jax.nn.attention import dot_product_attention, mask_token_attention
 
 # Interpret mode compiles each new shape for seconds: few examples, no deadline.
 SETTINGS = settings(max_examples=5, deadline=None, derandomize=True,
@@ -114,6 +114,22 @@ def test_attention_entry_point_routes_both_impls():
   np.testing.assert_allclose(pallas, xla, rtol=1e-5, atol=1e-5)
   with pytest.raises(UserError, match='impl'):
     mask_token_attention(q, k, v, mask, impl='triton')
+
+
+def test_dot_product_attention_matches_jax_softmax_attention_and_its_gradients():
+  # The entry point normalises after the product with v; jax.nn's normalises the weights.
+  q, k, v, _, _, cot = _inputs(5, 2, 3, 8, 0, 10, 'empty')
+  bias = jax.random.normal(jax.random.key(6), (2, 3, 11, 11))
+  mask = (jnp.arange(11)[None, :] <= jnp.arange(11)[:, None] + 2)[None, None]
+  mask = mask.at[:, :, 4].set(False)  # a query that sees nothing: uniform weights in both
+  ours = lambda q, k, v, bias: dot_product_attention(q, k, v, bias=bias, mask=mask)
+  theirs = lambda q, k, v, bias: jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
+                                                              implementation='xla')
+  out, vjp = jax.vjp(ours, q, k, v, bias)
+  expected, expected_vjp = jax.vjp(theirs, q, k, v, bias)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  for grad, expected_grad in zip(vjp(cot), expected_vjp(cot)):
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-5)
 
 
 def test_user_errors():
