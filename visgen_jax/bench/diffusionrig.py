@@ -1,19 +1,40 @@
 """DiffusionRig's claims at toy scale: `python -m visgen_jax.bench diffusionrig`.
 
-Scale (so that 2 shared CPU cores finish in about 25 minutes): the built-in synthetic
-subjects (data/rig_subjects.py) at RES², the `:tiny` model narrowed to one level (32
-channels, one res block, no attention, as the Gen2Res toy), batch 16 without flips,
-Adam 2e-3 (the toy's rate: 3e-4 left 600-step models sampling noise). Stage 1 trains
-STEPS steps on every subject but the album subject 0, once conditioned on buffers and
-once on the physical vector (model.condition=vector); stage 2 fine-tunes the buffer
-model for STAGE2_STEPS steps, batch 4, on subject 0's album of 16 images, from the
-stage-1 workdir with the encoder frozen (configs/diffusionrig_stage2.py; lr 2e-4, ten
-times below stage 1 as in the paper). The models are kept in
-$VISGEN_BENCH_DIR/diffusionrig (default <tmp>/visgen_bench) and reused on reruns.
+Toy (so that 2 shared CPU cores finish in about 35–40 minutes; every choice is the same for
+both conditionings, the ablation differs only in model.condition and in_channels):
+  data       the built-in synthetic subjects (data/rig_subjects.py) at RES² = 16², batch 16,
+             no flips (the vector model refuses them).
+  model      the `:tiny` UNet narrowed to one level (one res block, no attention, as the
+             Gen2Res toy) but 64 channels, not 32: GroupNorm has 32 groups, so at 32 channels
+             every group is one channel (an instance norm) and the output block's norm
+             removes each channel's per-image mean. The UNet then cannot reproduce the
+             per-image mean colour of x_t in ε̂; at high noise an error δ there is a colour
+             cast √((1−ᾱ)/ᾱ)·δ in x̂₀ (25× at t = 800), which DDIM carries into the sample.
+             Measured on training images after 1000 steps: 32 channels, faces tinted with
+             their background's colour (per-image face colour error 0.21 in [0, 1], face
+             RMSE 0.26, ε-MSE at t = 800 0.0061); 64 channels (2 per group) 0.026, 0.071
+             and 0.0012. The paper's 128 channels have 4 per group. Dropout 0 (the paper's
+             0.1 regularises 50k steps; a 1000-step toy is far from overfitting its noise).
+  training   the paper's loss (ε-MSE, P2 γ = 1, k = 1) and optimiser (Adam, clip 1.0, no
+             EMA), at the toy's rate 2e-3 (3e-4 left 600-step models sampling noise) with 50
+             warm-up steps and cosine decay to 0, so the last steps refine at a small rate
+             (with dropout 0 and 1000 steps instead of 800, this moved the 32-channel toy's
+             face RMSE only from 0.265 to 0.260: the channels did it). Stage 1: STEPS steps
+             on every subject but the album subject 0, once conditioned on buffers and once
+             on the physical vector (model.condition=vector). Stage 2: STAGE2_STEPS steps, batch 4,
+             on subject 0's album of 16 images from the stage-1 buffer workdir, encoder
+             frozen (configs/diffusionrig_stage2.py), lr 2e-4 (ten times below stage 1, as in
+             the paper), same warm-up and decay.
+  cache      the models are kept in $VISGEN_BENCH_DIR/diffusionrig (default
+             <tmp>/visgen_bench) and reused on reruns.
 
-Held-out images: HELD_OUT new renders of subject 0 (new lights, poses and
-backgrounds: never seen in training, not even by stage 2). Sampling is DDIM-20, η = 0,
-one noise per image shared by all its edits, as `--mode=edit` does.
+Held-out images: HELD_OUT new renders of subject 0 (new lights, poses and backgrounds:
+never seen in training, not even by stage 2). Sampling is DDIM-20, η = 0, one noise per
+image shared by all its edits, as `--mode=edit` does; codes from the encoder's running
+BatchNorm statistics, as `--mode=edit` computes them (at 16² the encoder's last two
+stages are 1×1, so training-time batch statistics are over 16 values and an image's code in
+training varies with its batch: correlation 0.5–0.99 with its running-statistics code over
+three random batches of the 32-channel toy; the toy's UNet leans on the code little).
 
   relight_*          each held-out image relit to a new random light by the stage-1 models:
                      light_rmse = RMSE of the light re-estimated from the output
@@ -26,8 +47,17 @@ one noise per image shared by all its edits, as `--mode=edit` does.
   disentanglement_*  stage-1 buffer model; each held-out image with the code, or the buffers,
                      of the next one: mean |change| vs the reconstruction, in [0, 1], inside
                      the faces (either image's mask) and outside (background, "hair").
-  train_images_per_s the trainer's step of the buffer model vs a plain ADM UNet of the same
-                     size (no buffers, code or encoder), interleaved repeats, median.
+  claims             each claim as the per-image differences it says are positive (vector −
+                     buffers relighting errors, stage 2 − stage 1 PSNR, code swap outside −
+                     inside, buffer swap inside − outside): mean, standard error, and
+                     `shown` = the mean is more than SHOWN_AT standard errors above 0.
+  train_images_per_s the trainer's step of the toy buffer model (batch 16) vs a plain ADM UNet
+                     of the same size (no buffers, code or encoder), interleaved repeats, median.
+  unet_gradient_images_per_s_256  the same comparison for the paper's stage-1 model
+                     (configs/diffusionrig_stage1.py, 256²) at batch 1, but of one forward and
+                     backward pass of the loss through the UNet alone (buffers and code vs
+                     none; no encoder, no optimizer update): the trainer's whole step of both
+                     256² models took over 15 minutes with their compilation on 2 loaded cores.
   edit_latency_*     DDIM-20 per image of one edit batch (the HELD_OUT images) at RES² (:tiny)
                      and at 256² (the paper's model, random weights: 20 × one UNet call);
                      compile time apart.
@@ -46,23 +76,28 @@ import numpy as np
 
 from visgen_jax import image_io
 from visgen_jax.data import pipeline, rig_subjects
+from visgen_jax.diffusion import losses, schedules
 from visgen_jax.models import sh_lighting
+from visgen_jax.models.adm_unet import ADMUNet
 from visgen_jax.systems import diffusionrig
 from visgen_jax.train import config as config_lib
 from visgen_jax.train import trainer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
 RES = 16
-STEPS = 800
+STEPS = 1000
 STAGE2_STEPS = 200
-HELD_OUT = 8
+HELD_OUT = 32
 BATCH = 16
 TOY = (f'data.resolution={RES}', f'model.image_size={RES}', 'data.random_flip=False', f'batch_size={BATCH}',
-       'model.channel_mult=1', 'model.attention_resolutions=', 'optimizer.learning_rate=2e-3', 'log_every=100',
+       'model.model_channels=64', 'model.channel_mult=1', 'model.attention_resolutions=', 'model.dropout=0.0',
+       'optimizer.learning_rate=2e-3', 'optimizer.warmup_steps=50', 'optimizer.schedule=cosine', 'log_every=100',
        'sample_every=0', 'sampler.steps=20')
 VECTOR = ('model.condition=vector', 'model.in_channels=3')
 STAGE2 = (f'total_steps={STAGE2_STEPS}', f'ckpt_every={STAGE2_STEPS}', 'optimizer.learning_rate=2e-4')
 THROUGHPUT_REPEATS = 5
+PAPER_REPEATS = 3  # 256² UNet gradients, several seconds each on 2 cores
+SHOWN_AT = 2  # standard errors: a claim is shown when its mean paired difference is beyond this
 
 
 def _say(message: str):
@@ -136,12 +171,13 @@ class Model:
     return (np.clip(np.asarray(self.generate(params, noise, condition, code)), -1, 1) + 1) / 2
 
 
-def _rmse(a, b, axes=None) -> float:
-  return float(np.sqrt(np.mean((np.asarray(a) - np.asarray(b)) ** 2, axis=axes)).mean())
+def _rmse(a, b, axes) -> np.ndarray:
+  """Per-image RMSE."""
+  return np.sqrt(np.mean((np.asarray(a) - np.asarray(b)) ** 2, axis=axes))
 
 
 def relighting(model: Model, params, batch: dict, lights: np.ndarray) -> tuple[dict, np.ndarray]:
-  """Light RMSE of the re-estimated light and pixel RMSE to the ground truth; the outputs."""
+  """Per image: light RMSE of the re-estimated light and pixel RMSE to the ground truth; the outputs."""
   target = relit(batch, lights)
   outputs = model(params, target)
   estimated = np.stack([np.asarray(sh_lighting.estimate_light(o, n, a, m)) for o, n, a, m in
@@ -150,24 +186,32 @@ def relighting(model: Model, params, batch: dict, lights: np.ndarray) -> tuple[d
           'pixel_rmse': _rmse(outputs, ground_truth(target), (1, 2, 3))}, outputs
 
 
-def psnr(outputs, images01) -> float:
-  mse = np.mean((outputs - images01) ** 2, axis=(1, 2, 3))
-  return float(np.mean(10 * np.log10(1 / mse)))
+def psnr(outputs, images01) -> np.ndarray:
+  """Per-image PSNR in dB."""
+  return 10 * np.log10(1 / np.mean((outputs - images01) ** 2, axis=(1, 2, 3)))
 
 
 def disentanglement(model: Model, params, batch: dict, base: np.ndarray) -> tuple[dict, dict]:
-  """Mean |change| vs `base` (the reconstructions) inside / outside the faces for a code swap and
-  a buffer swap with the next image."""
+  """Per image: mean |change| vs `base` (the reconstructions) inside / outside the faces (either
+  image's mask) for a code swap and a buffer swap with the next image."""
   other = {k: np.roll(v, -1, axis=0) for k, v in batch.items()}
   swaps = {'code_swap': model(params, batch, code=model.code(params, other)),
            'buffer_swap': model(params, dict(batch, **{k: other[k] for k in (*rig_subjects.BUFFERS, 'physical')}))}
-  face = ((batch['alpha'] > 0) | (other['alpha'] > 0))[..., None]
+  face = ((batch['alpha'] > 0) | (other['alpha'] > 0))[..., None].astype(np.float32)
   result = {}
   for name, out in swaps.items():
-    change = np.abs(out - base)
-    result[f'{name}_change_in_face'] = float(change[np.broadcast_to(face, change.shape)].mean())
-    result[f'{name}_change_outside_face'] = float(change[np.broadcast_to(~face, change.shape)].mean())
+    change = np.abs(out - base).mean(axis=-1, keepdims=True)
+    result[f'{name}_change_in_face'] = (change * face).sum((1, 2, 3)) / face.sum((1, 2, 3))
+    result[f'{name}_change_outside_face'] = (change * (1 - face)).sum((1, 2, 3)) / (1 - face).sum((1, 2, 3))
   return result, swaps
+
+
+def paired(claimed_positive: np.ndarray) -> dict:
+  """A claim as per-image differences that it says are positive: their mean, its standard error,
+  and whether the mean is beyond noise (more than SHOWN_AT standard errors above 0)."""
+  mean = float(np.mean(claimed_positive))
+  standard_error = float(np.std(claimed_positive, ddof=1) / np.sqrt(len(claimed_positive)))
+  return {'mean_difference': mean, 'standard_error': standard_error, 'shown': mean > SHOWN_AT * standard_error}
 
 
 def plain_adm_config(config):
@@ -180,13 +224,13 @@ def plain_adm_config(config):
   return plain
 
 
-def _step_runner(config):
-  """A function that runs one training step of `config`'s system through the trainer's step."""
+def _step_runner(config, batch):
+  """A function that runs one training step of `config`'s system on `batch` through the trainer's step."""
   s = trainer.setup(config)
   step = trainer.make_train_step(s)
-  batch = next(iter(pipeline.make_eval_iterator(config.data, local_batch_size=config.batch_size)))
-  init_state = trainer._init_state  # pylint: disable=protected-access
-  init = jax.jit(lambda k, b: init_state(s.system, s.tx, s.trainable, k, b), out_shardings=s.state_shardings)
+  init_state, keep_ema = trainer._init_state, trainer._keeps_ema(config)  # pylint: disable=protected-access
+  init = jax.jit(lambda k, b: init_state(s.system, s.tx, s.trainable, k, b, keep_ema),
+                 out_shardings=s.state_shardings)
   state = [init(jax.random.key(0), batch)]
 
   def run():
@@ -197,17 +241,64 @@ def _step_runner(config):
   return run
 
 
-def throughput(config) -> dict:
-  """Training images/s, conditioned vs plain, interleaved repeats, the median of each."""
-  runners = {'diffusionrig': _step_runner(config), 'plain_adm': _step_runner(plain_adm_config(config))}
+def _interleaved_rates(runners: dict, images: int, repeats: int) -> dict:
+  """Images/s of each runner (one call: `images` images), interleaved repeats, the median of each,
+  and the conditioning cost (plain_adm's rate over diffusionrig's, minus 1)."""
   times = {name: [] for name in runners}
-  for _ in range(THROUGHPUT_REPEATS):
+  for _ in range(repeats):
     for name, run in runners.items():
       start = time.perf_counter()
       run()
       times[name].append(time.perf_counter() - start)
-  rates = {name: config.batch_size / statistics.median(t) for name, t in times.items()}
+  rates = {name: images / statistics.median(t) for name, t in times.items()}
   return {**rates, 'conditioning_cost': rates['plain_adm'] / rates['diffusionrig'] - 1}
+
+
+def throughput(config, batch, repeats: int) -> dict:
+  """Training images/s of `config` (the conditioned model) and of the plain ADM UNet of its size on
+  `batch`, the trainer's whole step (after one compiling step each)."""
+  runners = {'diffusionrig': _step_runner(config, batch), 'plain_adm': _step_runner(plain_adm_config(config), batch)}
+  return _interleaved_rates(runners, len(batch['image']), repeats)
+
+
+def _unet_gradient_runner(unet: ADMUNet, batch: dict, condition, code, p2: dict):
+  """A function that runs one forward and backward pass of the ε-MSE loss through `unet` alone,
+  x_t concatenated with `condition` (channels, maybe none) and the given `code` (or None)."""
+  schedule = schedules.make_schedule('linear', 1000)
+  image, t = jnp.asarray(batch['image']), jnp.zeros(len(batch['image']), jnp.int32)
+  params = jax.jit(unet.init)(jax.random.key(0), jnp.concatenate([image, condition], -1), t, code=code)['params']
+
+  def loss(params, key):
+    model_fn = lambda x_t, t: unet.apply({'params': params}, jnp.concatenate([x_t, condition], -1), t, code=code,
+                                         train=True, rngs={'dropout': key})
+    return losses.diffusion_loss(schedule, model_fn, image, key, **p2)[0].mean()
+
+  gradient = jax.jit(jax.grad(loss))
+
+  def run():
+    jax.block_until_ready(gradient(params, jax.random.key(1)))
+
+  run()  # compile
+  return run
+
+
+def unet_throughput(config, batch, repeats: int) -> dict:
+  """As `throughput`, but one forward and backward pass through the UNet alone (no encoder, no
+  optimizer update): the buffer-conditioned UNet with a code vs the plain one."""
+  p2 = dict(p2_gamma=config.diffusion.p2_gamma, p2_k=config.diffusion.p2_k)
+  image = jnp.asarray(batch['image'])
+  runners = {
+      'diffusionrig': _unet_gradient_runner(
+          diffusionrig._unet(config), batch,  # pylint: disable=protected-access
+          diffusionrig.conditioning(config, {k: jnp.asarray(v) for k, v in batch.items()}),
+          jnp.ones((len(image), config.model.code_dim)), p2),
+      'plain_adm': _unet_gradient_runner(ADMUNet(**plain_adm_config(config).model), batch, image[..., :0], None, p2)}
+  return _interleaved_rates(runners, len(image), repeats)
+
+
+def paper_config(*overrides):
+  """configs/diffusionrig_stage1.py as it is (256², the paper's model), with `overrides`."""
+  return config_lib.load_config(os.path.join(CONFIGS, 'diffusionrig_stage1.py'), overrides)
 
 
 def edit_latency(model: Model, params, batch: dict) -> dict:
@@ -227,7 +318,7 @@ def paper_edit_latency() -> dict:
   matters), as 20 times one UNet call on one image (DDIM's own arithmetic is negligible, see
   `bench samplers`; a whole DDIM-20 takes too long on a shared 2-core CPU), and that call's
   compile time."""
-  config = config_lib.load_config(os.path.join(CONFIGS, 'diffusionrig_stage1.py'), ('sampler.steps=20',))
+  config = paper_config('sampler.steps=20')
   batch = {k: jnp.asarray(v) for k, v in _paper_batch(1).items()}
   init, encode, denoise, _, _ = diffusionrig.networks(config)
   params = jax.jit(init)(jax.random.key(0), batch)
@@ -266,27 +357,44 @@ def run() -> dict:
   batch = held_out_examples(HELD_OUT)
   images01 = (batch['image'] + 1) / 2
   lights = np.stack([rig_subjects.random_light(np.random.default_rng([7, i])) for i in range(HELD_OUT)])
-  result = {'scale': f'{RES}x{RES}, :tiny model with one level, batch {BATCH}, stage 1 {STEPS} steps, stage 2 {STAGE2_STEPS} '
-                     f'steps, {HELD_OUT} held-out renders of the album subject, DDIM-20',
+  result = {'scale': f'{RES}x{RES}, :tiny model with one level, batch {BATCH}, stage 1 {STEPS} steps, stage 2 '
+                     f'{STAGE2_STEPS} steps, {HELD_OUT} held-out renders of the album subject, DDIM-20',
             'train_seconds': train_seconds}
   # First: the buffer model's first generation of this batch shape includes its compilation.
   _say('evaluating')
   result['edit_latency_tiny'] = edit_latency(models['buffers'], params['buffers'], batch)
-  relit_outputs = {}
+  relight, relit_outputs = {}, {}
   for name in ('buffers', 'vector'):
-    scores, relit_outputs[name] = relighting(models[name], params[name], batch, lights)
-    result.update({f'relight_{k}_{name}': v for k, v in scores.items()})
-  result['relight_light_rmse_if_unchanged'] = _rmse(batch['light'], lights, (1, 2))
+    relight[name], relit_outputs[name] = relighting(models[name], params[name], batch, lights)
+    result.update({f'relight_{k}_{name}': float(v.mean()) for k, v in relight[name].items()})
+  result['relight_light_rmse_if_unchanged'] = float(_rmse(batch['light'], lights, (1, 2)).mean())
 
   reconstructions = {name: models[name](params[name], batch) for name in ('buffers', 'stage2')}
-  result['personalisation_psnr_stage1'] = psnr(reconstructions['buffers'], images01)
-  result['personalisation_psnr_stage2'] = psnr(reconstructions['stage2'], images01)
+  personalisation = {name: psnr(reconstructions[name], images01) for name in ('buffers', 'stage2')}
+  result['personalisation_psnr_stage1'] = float(personalisation['buffers'].mean())
+  result['personalisation_psnr_stage2'] = float(personalisation['stage2'].mean())
+  result['reconstruction_pixel_rmse_stage1'] = float(_rmse(reconstructions['buffers'], images01, (1, 2, 3)).mean())
 
-  scores, swaps = disentanglement(models['buffers'], params['buffers'], batch, reconstructions['buffers'])
-  result.update({f'disentanglement_{k}': v for k, v in scores.items()})
+  changes, swaps = disentanglement(models['buffers'], params['buffers'], batch, reconstructions['buffers'])
+  result.update({f'disentanglement_{k}': float(v.mean()) for k, v in changes.items()})
 
-  _say('training throughput')
-  result['train_images_per_s'] = throughput(configs['buffers'])
+  result['claims'] = {  # each as per-image differences the paper says are positive
+      'a_relight_light_rmse_vector_minus_buffers': paired(relight['vector']['light_rmse'] -
+                                                          relight['buffers']['light_rmse']),
+      'a_relight_pixel_rmse_vector_minus_buffers': paired(relight['vector']['pixel_rmse'] -
+                                                          relight['buffers']['pixel_rmse']),
+      'b_personalisation_psnr_stage2_minus_stage1': paired(personalisation['stage2'] - personalisation['buffers']),
+      'c_code_swap_change_outside_minus_inside': paired(changes['code_swap_change_outside_face'] -
+                                                        changes['code_swap_change_in_face']),
+      'c_buffer_swap_change_inside_minus_outside': paired(changes['buffer_swap_change_in_face'] -
+                                                          changes['buffer_swap_change_outside_face']),
+  }
+
+  _say('training throughput at the toy')
+  toy_batch = next(iter(pipeline.make_eval_iterator(configs['buffers'].data, local_batch_size=BATCH)))
+  result['train_images_per_s'] = throughput(configs['buffers'], toy_batch, THROUGHPUT_REPEATS)
+  _say('UNet forward and backward at 256x256, batch 1')
+  result['unet_gradient_images_per_s_256'] = unet_throughput(paper_config(), _paper_batch(1), PAPER_REPEATS)
   _say('edit latency at 256x256')
   result['edit_latency_256'] = paper_edit_latency()
 
