@@ -309,3 +309,16 @@ def test_group_norm_matches_two_pass_formula_and_its_gradient(conditioned, silu)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
+
+
+def test_dropout_matches_flax_dropout_and_its_gradient():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 15))  # 1920 elements: whole bytes of packed mask
+  rngs = {'dropout': jax.random.key(1)}
+  ours = lambda x: layers.Dropout(0.3).apply({}, x, deterministic=False, rngs=rngs)
+  flax_dropout = lambda x: flax.linen.Dropout(0.3).apply({}, x, deterministic=False, rngs=rngs)
+  np.testing.assert_array_equal(ours(x), flax_dropout(x))
+  assert 0.2 < np.mean(ours(x) == 0) < 0.4
+  grad = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)
+  np.testing.assert_array_equal(grad(ours), grad(flax_dropout))
+  odd = x[:, :, :, :3][:, :3]  # 54 elements: the last byte of the mask only partly used
+  np.testing.assert_array_equal(ours(odd), flax_dropout(odd))
