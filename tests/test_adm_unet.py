@@ -282,20 +282,43 @@ def test_conv2d_gradients_equal_xla_autodiff(kernel_size, stride):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_group_norm_matches_two_pass_formula_and_its_gradient():
+@pytest.mark.parametrize('conditioned,silu', [(False, False), (True, True), (False, True)])
+def test_group_norm_matches_two_pass_formula_and_its_gradient(conditioned, silu):
   x = 3 * jax.random.normal(jax.random.key(0), (2, 8, 8, 64)) + 2
   params = {'scale': 1 + jax.random.normal(jax.random.key(1), (64,)),
             'bias': jax.random.normal(jax.random.key(2), (64,))}
   weights = jax.random.normal(jax.random.key(3), x.shape)
+  # Per-image scale-shift, then a scale only (ResBlock's time embedding, then a code_shift=False code).
+  conditions = [(0.5 * jax.random.normal(jax.random.key(4), (2, 64)), jax.random.normal(jax.random.key(5), (2, 64))),
+                (0.5 * jax.random.normal(jax.random.key(6), (2, 64)), 0.0)] if conditioned else []
 
-  def two_pass(p, x):
+  def two_pass(p, x, conditions):
     grouped = x.reshape(2, 8, 8, 32, 2)
     mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
     var = jnp.square(grouped - mean).mean(axis=(1, 2, 4), keepdims=True)
-    return ((grouped - mean) * jax.lax.rsqrt(var + 1e-5)).reshape(x.shape) * p['scale'] + p['bias']
+    h = ((grouped - mean) * jax.lax.rsqrt(var + 1e-5)).reshape(x.shape) * p['scale'] + p['bias']
+    per_image = lambda v: jnp.broadcast_to(v, (2, 64))[:, None, None]
+    for scale, shift in conditions:
+      h = h * (1 + per_image(scale)) + per_image(shift)
+    return jax.nn.silu(h) if silu else h
 
-  one_pass = lambda p, x: layers.GroupNorm32().apply({'params': p}, x)
-  np.testing.assert_allclose(one_pass(params, x), two_pass(params, x), atol=1e-5)
-  loss = lambda f: jax.grad(lambda p, x: jnp.sum(jnp.sin(f(p, x)) * weights), argnums=(0, 1))
-  for g, w in zip(jax.tree.leaves(loss(one_pass)(params, x)), jax.tree.leaves(loss(two_pass)(params, x))):
+  one_pass = lambda p, x, conditions: layers.GroupNorm32().apply({'params': p}, x, conditions, silu)
+  np.testing.assert_allclose(one_pass(params, x, conditions), two_pass(params, x, conditions), atol=1e-5)
+  loss = lambda f: jax.grad(lambda *args: jnp.sum(jnp.sin(f(*args)) * weights), argnums=(0, 1, 2))
+  got, want = loss(one_pass)(params, x, conditions), loss(two_pass)(params, x, conditions)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+
+def test_dropout_matches_flax_dropout_and_its_gradient():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 15))  # 1920 elements: whole bytes of packed mask
+  rngs = {'dropout': jax.random.key(1)}
+  ours = lambda x: layers.Dropout(0.3).apply({}, x, deterministic=False, rngs=rngs)
+  flax_dropout = lambda x: flax.linen.Dropout(0.3).apply({}, x, deterministic=False, rngs=rngs)
+  np.testing.assert_array_equal(ours(x), flax_dropout(x))
+  assert 0.2 < np.mean(ours(x) == 0) < 0.4
+  grad = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)
+  np.testing.assert_array_equal(grad(ours), grad(flax_dropout))
+  odd = x[:, :, :, :3][:, :3]  # 54 elements: the last byte of the mask only partly used
+  np.testing.assert_array_equal(ours(odd), flax_dropout(odd))

@@ -21,14 +21,12 @@ model, a few minutes on 2 cores.
 """
 
 import collections
-import glob
 import json
 import os
 import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
@@ -36,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from visgen_jax.bench.common import best_time, flops_report, torch_op_profile
+from visgen_jax.bench.common import best_time, flops_report, torch_op_profile, trace_event_ms
 from visgen_jax.convert.guided_diffusion import convert_unet_state_dict
 from visgen_jax.diffusion import samplers, schedules
 from visgen_jax.systems.adm import make_unet
@@ -241,17 +239,7 @@ def flax_top_ops(ours: _Flax, n=TOP_OPS) -> dict:
   convolution with a window as large as the image is a filter gradient.
   """
   ops = _hlo_ops(ours.step.lower(ours.state, ours.batch).compile().as_text())
-  ours.train_step()
-  with tempfile.TemporaryDirectory() as directory:
-    with jax.profiler.trace(directory):
-      ours.train_step()
-    profile = jax.profiler.ProfileData.from_file(glob.glob(f'{directory}/**/*.xplane.pb', recursive=True)[0])
-  per_thunk = collections.Counter()
-  for plane in profile.planes:
-    for line in plane.lines:
-      for event in line.events:
-        if event.name in ops:
-          per_thunk[event.name] += event.duration_ns / 1e6
+  per_thunk = collections.Counter({name: ms for name, ms in trace_event_ms(ours.train_step).items() if name in ops})
   total = sum(per_thunk.values())
   kinds = collections.Counter()
   for name, ms in per_thunk.items():

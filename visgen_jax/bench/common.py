@@ -79,6 +79,25 @@ def flops_report(jitted, args, seconds: float, dtype: str = 'float32',
   }
 
 
+def trace_event_ms(run, calls: int = 1) -> collections.Counter:
+  """{event name: ms per call} of `calls` calls of run() (which must block until done) under the
+  JAX profiler, after a warm-up call. XLA's CPU thunks appear under their HLO instruction names,
+  with wall times (on a loaded machine they include waiting)."""
+  run()
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory):
+      for _ in range(calls):
+        run()
+    trace, = glob.glob(os.path.join(directory, '**', '*.xplane.pb'), recursive=True)
+    planes = jax.profiler.ProfileData.from_file(trace).planes
+  ms = collections.Counter()
+  for plane in planes:
+    for line in plane.lines:
+      for event in line.events:
+        ms[event.name] += event.duration_ns / 1e6 / calls
+  return ms
+
+
 def xla_op_profile(jitted, args, calls: int = 3, top: int = 12) -> list[dict]:
   """Where one call of `jitted(*args)` spends its time, from a JAX profiler trace of `calls` calls.
 
@@ -87,28 +106,18 @@ def xla_op_profile(jitted, args, calls: int = 3, top: int = 12) -> list[dict]:
   {'op', 'kind', 'ms' per call, 'share' of the ops' total}, the `top` largest. On CPU the
   times are wall times of each op's thunk.
   """
-  from jax._src.lib import _profile_data  # pylint: disable=g-import-not-at-top
   compiled = jitted.lower(*args).compile()
   source = {}
   for match in re.finditer(r'^\s*(?:ROOT )?%(\S+) = .*?metadata=\{op_name="([^"]*)"',
                            compiled.as_text(), re.MULTILINE):
     source[match.group(1)] = re.sub(r'_\d+(?=[/.]|$)', '_*', match.group(2).split('/', 1)[-1])
-  jax.block_until_ready(jitted(*args))
-  with tempfile.TemporaryDirectory() as directory:
-    with jax.profiler.trace(directory):
-      for _ in range(calls):
-        jax.block_until_ready(jitted(*args))
-    trace, = glob.glob(os.path.join(directory, '**', '*.xplane.pb'), recursive=True)
-    planes = _profile_data.ProfileData.from_file(trace).planes
   totals = collections.Counter()
-  for plane in planes:
-    for line in plane.lines:
-      for event in line.events:
-        if event.name in source or re.fullmatch(r'[\w.-]+\.\d+', event.name):
-          totals[(event.name.rsplit('.', 1)[0], source.get(event.name, event.name))] += event.duration_ns
+  for name, ms in trace_event_ms(lambda: jax.block_until_ready(jitted(*args)), calls).items():
+    if name in source or re.fullmatch(r'[\w.-]+\.\d+', name):
+      totals[(name.rsplit('.', 1)[0], source.get(name, name))] += ms
   everything = sum(totals.values())
-  return [{'op': op, 'kind': kind, 'ms': ns / calls / 1e6, 'share': ns / everything}
-          for (kind, op), ns in totals.most_common(top)]
+  return [{'op': op, 'kind': kind, 'ms': ms, 'share': ms / everything}
+          for (kind, op), ms in totals.most_common(top)]
 
 
 def torch_op_profile(fn, calls: int = 3, top: int = 12) -> list[dict]:

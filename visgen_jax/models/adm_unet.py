@@ -192,7 +192,7 @@ class ADMUNet(nn.Module):
       for spec in block:
         h = apply(spec, h)
 
-    h = nn.silu(GroupNorm32(name='out_norm')(h.astype(jnp.float32)))
+    h = GroupNorm32(name='out_norm')(h.astype(jnp.float32), silu=True)
     return conv2d(self.out_channels, 3, zero_init=True, name='out_conv')(h)
 
   def _check_inputs(self, x, t, y, code):

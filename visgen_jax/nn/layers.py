@@ -58,34 +58,62 @@ def _per_channel(group_values, x):
   return per_channel.reshape(x.shape[:1] + (1,) * (x.ndim - 2) + x.shape[-1:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def group_norm(x, scale, bias, num_groups: int, epsilon: float):
-  """GroupNorm of float32 x [B, ..., C] over its non-batch axes per group of channels, then affine.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm(x, scale, shift, num_groups: int, epsilon: float, silu: bool = False):
+  """GroupNorm of float32 x [B, ..., C] over its non-batch axes per group of channels, then
+  ·scale + shift ([C], or [B, C] per image), then SiLU if `silu`.
 
   Its own gradient: autodiff of the two-pass formula makes XLA reduce the
-  activations six times in the backward pass, this one reduces four times.
+  activations six times in the backward pass, this one reduces four times; and it
+  saves only x and the statistics (the normalised and affine activations are
+  recomputed), which keeps a ResBlock's norm → scale-shift → SiLU from saving
+  three activation-sized tensors for the backward pass.
   """
-  return _group_norm_forward(x, scale, bias, num_groups, epsilon)[0]
+  return _group_norm_forward(x, scale, shift, num_groups, epsilon, silu)[0]
 
 
-def _group_norm_forward(x, scale, bias, num_groups, epsilon):
+def _per_image(values, x):
+  """[C] or [B, C] → broadcastable to x [B, ..., C]."""
+  values = values.reshape((-1, x.shape[-1]))
+  return values.reshape(values.shape[:1] + (1,) * (x.ndim - 2) + x.shape[-1:])
+
+
+def _normalized(x, mean, inv_std):
+  return (x - _per_channel(mean, x)) * _per_channel(inv_std, x)
+
+
+def _group_norm_forward(x, scale, shift, num_groups, epsilon, silu):
   mean, inv_std = _group_stats(x, num_groups, epsilon)
-  normalized = (x - _per_channel(mean, x)) * _per_channel(inv_std, x)
-  return normalized * scale + bias, (x, mean, inv_std, scale)
+  out = _normalized(x, mean, inv_std) * _per_image(scale, x) + _per_image(shift, x)
+  return nn.silu(out) if silu else out, (x, mean, inv_std, scale, shift)
 
 
-def _group_norm_backward(num_groups, epsilon, saved, grad_out):
+def _group_norm_backward(num_groups, epsilon, silu, saved, grad_out):
   del epsilon
-  x, mean, inv_std, scale = saved
-  normalized = (x - _per_channel(mean, x)) * _per_channel(inv_std, x)
-  axes = tuple(range(x.ndim - 1))
-  grad_scale, grad_bias = jnp.sum(grad_out * normalized, axis=axes), jnp.sum(grad_out, axis=axes)
-  grad_norm = grad_out * scale
-  mean_grad = _group_mean(grad_norm, num_groups)
-  mean_grad_dot = _group_mean(grad_norm * normalized, num_groups)
-  grad_x = _per_channel(inv_std, x) * (grad_norm - _per_channel(mean_grad, x)
-                                       - normalized * _per_channel(mean_grad_dot, x))
-  return grad_x, grad_scale, grad_bias
+  # The barrier keeps XLA from merging the recomputation below with the forward pass's (CSE),
+  # which would keep the forward's activations alive until here after all.
+  x, mean, inv_std, scale, shift = jax.lax.optimization_barrier(saved)
+  if silu:
+    pre_silu = _normalized(x, mean, inv_std) * _per_image(scale, x) + _per_image(shift, x)
+    sigmoid = jax.nn.sigmoid(pre_silu)
+    grad_out = grad_out * sigmoid * (1 + pre_silu * (1 - sigmoid))
+  # From per-channel sums of grad_out and grad_out·x only: a materialised normalised x would be
+  # computed by XLA as soon as x is known and kept alive until here.
+  batch, channels = x.shape[0], x.shape[-1]
+  pixels = tuple(range(1, x.ndim - 1))
+  sum_grad = jnp.sum(grad_out, axis=pixels)
+  mean_c, inv_std_c = (jnp.repeat(v, channels // num_groups, axis=-1) for v in (mean, inv_std))
+  sum_grad_normalized = (jnp.sum(grad_out * x, axis=pixels) - mean_c * sum_grad) * inv_std_c
+  per_image = scale.ndim == 2
+  grad_scale = sum_grad_normalized if per_image else sum_grad_normalized.sum(0)
+  grad_shift = sum_grad if per_image else sum_grad.sum(0)
+  scale_c = jnp.broadcast_to(scale, (batch, channels))
+  pixel_count = math.prod(x.shape[1:-1])
+  mean_grad = _group_mean(sum_grad * scale_c, num_groups) / pixel_count
+  mean_grad_dot = _group_mean(sum_grad_normalized * scale_c, num_groups) / pixel_count
+  grad_x = _per_channel(inv_std, x) * (grad_out * _per_image(scale, x) - _per_channel(mean_grad, x)
+                                       - _normalized(x, mean, inv_std) * _per_channel(mean_grad_dot, x))
+  return grad_x, grad_scale, grad_shift
 
 
 group_norm.defvjp(_group_norm_forward, _group_norm_backward)
@@ -97,19 +125,26 @@ class GroupNorm32(nn.Module):
   guided_diffusion's `normalization(ch)`: 32 groups, eps 1e-5, affine; the
   result is cast back to the input dtype. The statistics take one pass
   (`group_norm`), the same as guided_diffusion's two-pass ones up to float32 rounding.
+
+  `conditions` are (scale, shift) pairs [B, C] applied after the affine as
+  h·(1 + scale) + shift, in order (scale-shift norm; shift may be 0), and `silu`
+  applies SiLU: both inside `group_norm`, so that they save nothing more for the
+  backward pass.
   """
   num_groups: int = 32
   epsilon: float = 1e-5
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, conditions=(), silu: bool = False):
     c = x.shape[-1]
     if c % self.num_groups:
       raise UserError(f'GroupNorm32 at {self.path}: {c} channels are not divisible by '
                       f'{self.num_groups} groups; use channel counts that are multiples of 32.')
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    return group_norm(x.astype(jnp.float32), scale, bias, self.num_groups, self.epsilon).astype(x.dtype)
+    for cond_scale, cond_shift in conditions:
+      scale, bias = scale * (1 + cond_scale), bias * (1 + cond_scale) + cond_shift
+    return group_norm(x.astype(jnp.float32), scale, bias, self.num_groups, self.epsilon, silu).astype(x.dtype)
 
 
 def conv2d(features: int, kernel_size: int = 3, stride: int = 1, *, zero_init: bool = False,
@@ -134,6 +169,22 @@ def dense(features: int, *, zero_init: bool = False, dtype: Dtype = jnp.float32,
       features, dtype=dtype, param_dtype=jnp.float32,
       kernel_init=nn.initializers.zeros if zero_init else torch_kernel_init,
       bias_init=nn.initializers.zeros, name=name)
+
+
+class Dropout(nn.Module):
+  """flax's nn.Dropout (the same masks from the same 'dropout' rng when named alike) whose mask
+  waits for the backward pass packed eight to a byte: with nn.Dropout, XLA fuses the Bernoulli
+  comparison into the backward pass and keeps the random bits alive instead (8 bytes an element)."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0:
+      return x
+    keep_prob = 1 - self.rate
+    keep = jax.random.bernoulli(self.make_rng('dropout'), keep_prob, x.shape)
+    keep = jnp.unpackbits(jnp.packbits(keep.reshape(-1)), count=x.size).reshape(x.shape)
+    return jnp.where(keep.astype(bool), x / keep_prob, 0)
 
 
 def upsample_nearest(x):
@@ -197,7 +248,7 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x, emb, code=None, train: bool = False):
     out_ch = self.out_channels
-    h = nn.silu(GroupNorm32(name='in_norm')(x))
+    h = GroupNorm32(name='in_norm')(x, silu=True)
     if self.up:
       h, x = upsample_nearest(h), upsample_nearest(x)
     elif self.down:
@@ -213,21 +264,17 @@ class ResBlock(nn.Module):
       if self.code_shift:
         conds.append(code_out)
       else:
-        code_scale = code_out.astype(h.dtype)[:, None, None, :]
-    conds = [c.astype(h.dtype)[:, None, None, :] for c in conds]
+        code_scale = code_out.astype(jnp.float32)
 
     out_norm = GroupNorm32(name='out_norm')
     if self.use_scale_shift_norm:
-      h = out_norm(h)
-      for cond in conds:
-        scale, shift = jnp.split(cond, 2, axis=-1)
-        h = h * (1 + scale) + shift
+      conditions = [jnp.split(cond.astype(jnp.float32), 2, axis=-1) for cond in conds]
     else:
-      h = out_norm(sum(conds, h))
+      h, conditions = sum((c.astype(h.dtype)[:, None, None, :] for c in conds), h), []
     if code_scale is not None:
-      h = h * (1 + code_scale)
-    h = nn.silu(h)
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+      conditions.append((code_scale, 0.0))
+    h = out_norm(h, conditions, silu=True)
+    h = Dropout(self.dropout)(h, deterministic=not train)
     h = conv2d(out_ch, 3, zero_init=True, dtype=self.dtype, name='out_conv')(h)
 
     if x.shape[-1] != out_ch:
