@@ -1,4 +1,4 @@
-"""'rig_subjects': a built-in synthetic set of face-like subjects with exact buffers (DiffusionRig).
+"""'rig_subjects': a built-in synthetic set of face-like subjects with known buffers (DiffusionRig).
 
 Each of NUM_SUBJECTS subjects is an ellipsoid head of its own proportions with
 its own albedo texture (its "identity": a base colour, eyes and sinusoidal
