@@ -1,6 +1,6 @@
 """DiffusionRig's claims at toy scale: `python -m visgen_jax.bench diffusionrig`.
 
-Toy (so that 2 shared CPU cores finish in about 35–40 minutes; every choice is the same for
+Toy (so that 2 shared CPU cores finish in 18–40 minutes, with the load; every choice is the same for
 both conditionings, the ablation differs only in model.condition and in_channels):
   data       the built-in synthetic subjects (data/rig_subjects.py) at RES² = 16², batch 16,
              no flips (the vector model refuses them). Their albedo buffer is coarse (base
