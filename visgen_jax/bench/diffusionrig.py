@@ -23,7 +23,7 @@ both conditionings, the ablation differs only in model.condition and in_channels
              face RMSE only from 0.265 to 0.260: the channels did it). Stage 1: STEPS steps
              on every subject but the album subject 0, once conditioned on buffers and once
              on the physical vector (model.condition=vector). Stage 2: STAGE2_STEPS steps, batch 4,
-             on subject 0's album of 16 images from the stage-1 buffer workdir, encoder
+             on subject 0's album of 16 images from each stage-1 workdir, encoder
              frozen (configs/diffusionrig_stage2.py), lr 2e-4 (ten times below stage 1, as in
              the paper), same warm-up and decay.
   cache      the models are kept in $VISGEN_BENCH_DIR/diffusionrig-v2 (default
@@ -37,7 +37,10 @@ stages are 1×1, so training-time batch statistics are over 16 values and an ima
 training varies with its batch: correlation 0.5–0.99 with its running-statistics code over
 three random batches of the 32-channel toy; the toy's UNet leans on the code little).
 
-  relight_*          each held-out image relit to a new random light by the stage-1 models:
+  relight_*          each held-out image relit to a new random light by the stage-1 models
+                     and by their stage-2 fine-tunes (the vector model's too: the same
+                     stage-2 config with model.condition=vector; personalised models are
+                     what users edit with):
                      light_rmse = RMSE of the light re-estimated from the output
                      (sh_lighting.estimate_light with the image's normals, full texture and
                      mask) to the requested one; pixel_rmse (in [0, 1]) to the ground truth, the
@@ -51,7 +54,8 @@ three random batches of the 32-channel toy; the toy's UNet leans on the code lit
                      of the next one: mean |change| vs the reconstruction, in [0, 1], inside
                      the faces (either image's mask) and outside (background, "hair").
   claims             each claim as the per-image differences it says are positive (vector −
-                     buffers relighting errors, stage 2 − stage 1 PSNR (whole and face),
+                     buffers relighting errors at stage 1 and stage 2, stage 2 − stage 1 PSNR
+                     (whole and face),
                      code swap outside −
                      inside, buffer swap inside − outside): mean, standard error, and
                      `shown` = the mean is more than SHOWN_AT standard errors above 0.
@@ -353,16 +357,16 @@ def _paper_batch(n: int) -> dict:
 
 def run() -> dict:
   directory = _bench_dir()
-  workdirs = {name: os.path.join(directory, name) for name in ('buffers', 'vector', 'stage2')}
+  workdirs = {name: os.path.join(directory, name) for name in ('buffers', 'vector', 'stage2', 'stage2_vector')}
   configs = {'buffers': stage1_config(), 'vector': stage1_config(*VECTOR),
-             'stage2': stage2_config(workdirs['buffers'])}
+             'stage2': stage2_config(workdirs['buffers']), 'stage2_vector': stage2_config(workdirs['vector'], *VECTOR)}
   start = time.perf_counter()
   params = {}
-  for name, config in configs.items():  # stage 2 last: it starts from the buffer model
+  for name, config in configs.items():  # stage 2 last: it starts from the stage-1 models
     params[name] = trainer.train(config, workdirs[name])['params']
   train_seconds = time.perf_counter() - start
   models = {'buffers': Model(configs['buffers']), 'vector': Model(configs['vector'])}
-  models['stage2'] = models['buffers']  # one architecture
+  models.update(stage2=models['buffers'], stage2_vector=models['vector'])  # one architecture each
 
   batch = held_out_examples(HELD_OUT)
   images01 = (batch['image'] + 1) / 2
@@ -374,7 +378,7 @@ def run() -> dict:
   _say('evaluating')
   result['edit_latency_tiny'] = edit_latency(models['buffers'], params['buffers'], batch)
   relight, relit_outputs = {}, {}
-  for name in ('buffers', 'vector'):
+  for name in ('buffers', 'vector', 'stage2', 'stage2_vector'):
     relight[name], relit_outputs[name] = relighting(models[name], params[name], batch, lights)
     result.update({f'relight_{k}_{name}': float(v.mean()) for k, v in relight[name].items()})
   result['relight_light_rmse_if_unchanged'] = float(_rmse(batch['light'], lights, (1, 2)).mean())
@@ -396,6 +400,10 @@ def run() -> dict:
                                                           relight['buffers']['light_rmse']),
       'a_relight_pixel_rmse_vector_minus_buffers': paired(relight['vector']['pixel_rmse'] -
                                                           relight['buffers']['pixel_rmse']),
+      'a_stage2_relight_light_rmse_vector_minus_buffers': paired(relight['stage2_vector']['light_rmse'] -
+                                                                 relight['stage2']['light_rmse']),
+      'a_stage2_relight_pixel_rmse_vector_minus_buffers': paired(relight['stage2_vector']['pixel_rmse'] -
+                                                                 relight['stage2']['pixel_rmse']),
       'b_personalisation_psnr_stage2_minus_stage1': paired(personalisation['stage2'] - personalisation['buffers']),
       'b_personalisation_face_psnr_stage2_minus_stage1': paired(in_face['stage2'] - in_face['buffers']),
       'c_code_swap_change_outside_minus_inside': paired(changes['code_swap_change_outside_face'] -
@@ -412,14 +420,17 @@ def run() -> dict:
   _say('edit latency at 256x256')
   result['edit_latency_256'] = paper_edit_latency()
 
-  # Rows: held-out images; columns: input, ground truth relit, buffers relit, vector relit,
-  # stage-1 and stage-2 reconstructions, code swap, buffer swap.
+  # Rows: held-out images; columns: input, ground truth relit, relit by the stage-1 buffer and
+  # vector models and by their stage-2 fine-tunes, stage-1 and stage-2 reconstructions, code swap,
+  # buffer swap.
   columns = [images01, relit_ground_truth(batch, lights), relit_outputs['buffers'], relit_outputs['vector'],
-             reconstructions['buffers'], reconstructions['stage2'], swaps['code_swap'], swaps['buffer_swap']]
+             relit_outputs['stage2'], relit_outputs['stage2_vector'], reconstructions['buffers'],
+             reconstructions['stage2'], swaps['code_swap'], swaps['buffer_swap']]
   figure = os.path.join(directory, 'diffusionrig_bench.png')
   image_io.save_png(figure, image_io.image_grid(np.stack(columns, axis=1).reshape(-1, RES, RES, 3) * 2 - 1))
-  print(f'figure: {figure} (rows: held-out images; columns: input, ground-truth relit, relit by the buffer '
-        'model, by the vector model, stage-1 and stage-2 reconstructions, code swap, buffer swap)')
+  print(f'figure: {figure} (rows: held-out images; columns: input, ground-truth relit, relit by the stage-1 '
+        'buffer and vector models and by their stage-2 fine-tunes, stage-1 and stage-2 reconstructions, code '
+        'swap, buffer swap)')
   result['figure'] = figure
   result['load_average'] = os.getloadavg()
   return result
