@@ -31,7 +31,6 @@ Built on first use into `$VISGEN_CACHE/datasets/` as one .npz per resolution
 (a private file renamed into place, so concurrent builders do not clash).
 """
 
-import dataclasses
 import math
 import os
 import tempfile
