@@ -427,7 +427,8 @@ def run() -> dict:
              relit_outputs['stage2'], relit_outputs['stage2_vector'], reconstructions['buffers'],
              reconstructions['stage2'], swaps['code_swap'], swaps['buffer_swap']]
   figure = os.path.join(directory, 'diffusionrig_bench.png')
-  image_io.save_png(figure, image_io.image_grid(np.stack(columns, axis=1).reshape(-1, RES, RES, 3) * 2 - 1))
+  image_io.save_png(figure, image_io.image_grid(np.stack(columns, axis=1).reshape(-1, RES, RES, 3) * 2 - 1,
+                                                    cols=len(columns)))
   print(f'figure: {figure} (rows: held-out images; columns: input, ground-truth relit, relit by the stage-1 '
         'buffer and vector models and by their stage-2 fine-tunes, stage-1 and stage-2 reconstructions, code '
         'swap, buffer swap)')
