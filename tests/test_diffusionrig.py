@@ -1,4 +1,4 @@
-"""DiffusionRig end to end: the synthetic subjects (exact buffers, flips), stage 1 → stage 2
+"""DiffusionRig end to end: the synthetic subjects (known buffers, flips), stage 1 → stage 2
 (encoder and statistics bit-identical) → edits through the CLI, and bad input."""
 
 import os

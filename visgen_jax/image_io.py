@@ -112,13 +112,14 @@ def resize_and_crop(image: Image.Image | np.ndarray, hw: tuple[int, int], crop: 
   return np.asarray(image)[top:top + h, left:left + w]
 
 
-def image_grid(images) -> np.ndarray:
-  """[N, H, W, C] in [-1, 1] -> one uint8 [rows*H, cols*W, 3] grid, 2 px white gaps."""
+def image_grid(images, cols: int | None = None) -> np.ndarray:
+  """[N, H, W, C] in [-1, 1] -> one uint8 [rows*H, cols*W, 3] grid (row by row; `cols` columns,
+  default the square's), 2 px white gaps."""
   images = to_uint8(images)
   if images.shape[-1] == 1:
     images = np.repeat(images, 3, axis=-1)
   n, h, w, c = images.shape
-  cols = math.ceil(math.sqrt(n))
+  cols = cols or math.ceil(math.sqrt(n))
   rows = math.ceil(n / cols)
   grid = np.full((rows * (h + 2) - 2, cols * (w + 2) - 2, c), 255, np.uint8)
   for i, img in enumerate(images):

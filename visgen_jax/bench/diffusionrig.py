@@ -1,9 +1,10 @@
 """DiffusionRig's claims at toy scale: `python -m visgen_jax.bench diffusionrig`.
 
-Toy (so that 2 shared CPU cores finish in about 35–40 minutes; every choice is the same for
+Toy (so that 2 shared CPU cores finish in 18–40 minutes, with the load; every choice is the same for
 both conditionings, the ablation differs only in model.condition and in_channels):
   data       the built-in synthetic subjects (data/rig_subjects.py) at RES² = 16², batch 16,
-             no flips (the vector model refuses them).
+             no flips (the vector model refuses them). Their albedo buffer is coarse (base
+             colour and eyes, as a 3DMM's), the images have the full texture.
   model      the `:tiny` UNet narrowed to one level (one res block, no attention, as the
              Gen2Res toy) but 64 channels, not 32: GroupNorm has 32 groups, so at 32 channels
              every group is one channel (an instance norm) and the output block's norm
@@ -22,11 +23,11 @@ both conditionings, the ablation differs only in model.condition and in_channels
              face RMSE only from 0.265 to 0.260: the channels did it). Stage 1: STEPS steps
              on every subject but the album subject 0, once conditioned on buffers and once
              on the physical vector (model.condition=vector). Stage 2: STAGE2_STEPS steps, batch 4,
-             on subject 0's album of 16 images from the stage-1 buffer workdir, encoder
+             on subject 0's album of 16 images from each stage-1 workdir, encoder
              frozen (configs/diffusionrig_stage2.py), lr 2e-4 (ten times below stage 1, as in
              the paper), same warm-up and decay.
-  cache      the models are kept in $VISGEN_BENCH_DIR/diffusionrig (default
-             <tmp>/visgen_bench) and reused on reruns.
+  cache      the models are kept in $VISGEN_BENCH_DIR/diffusionrig-v2 (default
+             <tmp>/visgen_bench; the version changes with the data) and reused on reruns.
 
 Held-out images: HELD_OUT new renders of subject 0 (new lights, poses and backgrounds:
 never seen in training, not even by stage 2). Sampling is DDIM-20, η = 0, one noise per
@@ -36,19 +37,26 @@ stages are 1×1, so training-time batch statistics are over 16 values and an ima
 training varies with its batch: correlation 0.5–0.99 with its running-statistics code over
 three random batches of the 32-channel toy; the toy's UNet leans on the code little).
 
-  relight_*          each held-out image relit to a new random light by the stage-1 models:
+  relight_*          each held-out image relit to a new random light by the stage-1 models
+                     and by their stage-2 fine-tunes (the vector model's too: the same
+                     stage-2 config with model.condition=vector; personalised models are
+                     what users edit with):
                      light_rmse = RMSE of the light re-estimated from the output
-                     (sh_lighting.estimate_light with the image's normals, albedo and mask)
-                     to the requested one; pixel_rmse (in [0, 1]) to the ground truth, the
-                     renderer's image of the same head under the new light. Reference:
+                     (sh_lighting.estimate_light with the image's normals, full texture and
+                     mask) to the requested one; pixel_rmse (in [0, 1]) to the ground truth, the
+                     renderer's image of the same head (full texture, same pose and
+                     background) under the new light. The models see the buffers relit: the
+                     coarse albedo shaded with the new light. Reference:
                      light_rmse_if_unchanged, the requested light vs the original one.
   personalisation_*  PSNR of the held-out images reconstructed from their own buffers and
-                     codes: stage 1 vs stage 2.
+                     codes, of the whole image and inside the face (mask): stage 1 vs stage 2.
   disentanglement_*  stage-1 buffer model; each held-out image with the code, or the buffers,
                      of the next one: mean |change| vs the reconstruction, in [0, 1], inside
                      the faces (either image's mask) and outside (background, "hair").
   claims             each claim as the per-image differences it says are positive (vector −
-                     buffers relighting errors, stage 2 − stage 1 PSNR, code swap outside −
+                     buffers relighting errors at stage 1 and stage 2, stage 2 − stage 1 PSNR
+                     (whole and face),
+                     code swap outside −
                      inside, buffer swap inside − outside): mean, standard error, and
                      `shown` = the mean is more than SHOWN_AT standard errors above 0.
   train_images_per_s the trainer's step of the toy buffer model (batch 16) vs a plain ADM UNet
@@ -106,7 +114,7 @@ def _say(message: str):
 
 def _bench_dir() -> str:
   return os.path.join(os.environ.get('VISGEN_BENCH_DIR', os.path.join(tempfile.gettempdir(), 'visgen_bench')),
-                      'diffusionrig')
+                      'diffusionrig-v2')
 
 
 def stage1_config(*overrides):
@@ -120,14 +128,16 @@ def stage2_config(stage1_dir, *overrides):
 
 
 def held_out_examples(n: int, seed: int = 99) -> dict:
-  """n new renders of the album subject (0) with their buffers and physical parts, stacked."""
+  """n new renders of the album subject (0) with their buffers, full texture, background and
+  physical parts, stacked."""
   rng = np.random.default_rng(seed)
   examples = []
   for _ in range(n):
     light = rig_subjects.random_light(rng)
     yaw, pitch = rng.uniform(-rig_subjects.MAX_ANGLE, rig_subjects.MAX_ANGLE, 2)
-    example = rig_subjects.render(0, light, yaw, pitch, RES, rig_subjects.background(rng, RES))
-    examples.append(dict(example, light=light, head_pose=np.array([yaw, pitch], np.float32),
+    backdrop = rig_subjects.background(rng, RES)
+    example = rig_subjects.render(0, light, yaw, pitch, RES, backdrop)
+    examples.append(dict(example, background=backdrop, light=light, head_pose=np.array([yaw, pitch], np.float32),
                          head_axes=rig_subjects.subject_shape(0)))
   return _with_physical({k: np.stack([e[k] for e in examples]) for k in examples[0]})
 
@@ -139,16 +149,18 @@ def _with_physical(batch: dict) -> dict:
 
 
 def relit(batch: dict, lights: np.ndarray) -> dict:
-  """The batch under new lights: light, rendered buffer and physical vector replaced."""
+  """The batch's conditions under new lights: light, rendered buffer (the coarse albedo shaded)
+  and physical vector replaced."""
   rendered = np.stack([np.asarray(sh_lighting.shade(n, a, m, l)) for n, a, m, l in
                        zip(batch['normal'], batch['albedo'], batch['alpha'], lights)])
   return _with_physical(dict(batch, light=lights, rendered=rendered))
 
 
-def ground_truth(batch: dict) -> np.ndarray:
-  """What the renderer draws for `batch` (buffers possibly relit) over the original background, in [0, 1]."""
-  face = batch['alpha'][..., None] > 0
-  return np.where(face, np.clip(batch['rendered'], 0, 1), (batch['image'] + 1) / 2)
+def relit_ground_truth(batch: dict, lights: np.ndarray) -> np.ndarray:
+  """The renderer's images of the batch's heads (full texture, same pose and background) under
+  `lights`, in [0, 1]."""
+  return np.stack([(rig_subjects.render(0, light, *pose, RES, backdrop)['image'] + 1) / 2
+                   for light, pose, backdrop in zip(lights, batch['head_pose'], batch['background'])])
 
 
 class Model:
@@ -181,14 +193,16 @@ def relighting(model: Model, params, batch: dict, lights: np.ndarray) -> tuple[d
   target = relit(batch, lights)
   outputs = model(params, target)
   estimated = np.stack([np.asarray(sh_lighting.estimate_light(o, n, a, m)) for o, n, a, m in
-                        zip(outputs, batch['normal'], batch['albedo'], batch['alpha'])])
+                        zip(outputs, batch['normal'], batch['texture'], batch['alpha'])])
   return {'light_rmse': _rmse(estimated, lights, (1, 2)),
-          'pixel_rmse': _rmse(outputs, ground_truth(target), (1, 2, 3))}, outputs
+          'pixel_rmse': _rmse(outputs, relit_ground_truth(batch, lights), (1, 2, 3))}, outputs
 
 
-def psnr(outputs, images01) -> np.ndarray:
-  """Per-image PSNR in dB."""
-  return 10 * np.log10(1 / np.mean((outputs - images01) ** 2, axis=(1, 2, 3)))
+def psnr(outputs, images01, mask=None) -> np.ndarray:
+  """Per-image PSNR in dB, over the pixels where `mask` [b, H, W] is 1 (default: all)."""
+  weight = np.ones(outputs.shape[:-1]) if mask is None else mask
+  squared = ((outputs - images01) ** 2).mean(-1)
+  return 10 * np.log10(1 / ((squared * weight).sum((1, 2)) / weight.sum((1, 2))))
 
 
 def disentanglement(model: Model, params, batch: dict, base: np.ndarray) -> tuple[dict, dict]:
@@ -343,16 +357,16 @@ def _paper_batch(n: int) -> dict:
 
 def run() -> dict:
   directory = _bench_dir()
-  workdirs = {name: os.path.join(directory, name) for name in ('buffers', 'vector', 'stage2')}
+  workdirs = {name: os.path.join(directory, name) for name in ('buffers', 'vector', 'stage2', 'stage2_vector')}
   configs = {'buffers': stage1_config(), 'vector': stage1_config(*VECTOR),
-             'stage2': stage2_config(workdirs['buffers'])}
+             'stage2': stage2_config(workdirs['buffers']), 'stage2_vector': stage2_config(workdirs['vector'], *VECTOR)}
   start = time.perf_counter()
   params = {}
-  for name, config in configs.items():  # stage 2 last: it starts from the buffer model
+  for name, config in configs.items():  # stage 2 last: it starts from the stage-1 models
     params[name] = trainer.train(config, workdirs[name])['params']
   train_seconds = time.perf_counter() - start
   models = {'buffers': Model(configs['buffers']), 'vector': Model(configs['vector'])}
-  models['stage2'] = models['buffers']  # one architecture
+  models.update(stage2=models['buffers'], stage2_vector=models['vector'])  # one architecture each
 
   batch = held_out_examples(HELD_OUT)
   images01 = (batch['image'] + 1) / 2
@@ -364,15 +378,18 @@ def run() -> dict:
   _say('evaluating')
   result['edit_latency_tiny'] = edit_latency(models['buffers'], params['buffers'], batch)
   relight, relit_outputs = {}, {}
-  for name in ('buffers', 'vector'):
+  for name in ('buffers', 'vector', 'stage2', 'stage2_vector'):
     relight[name], relit_outputs[name] = relighting(models[name], params[name], batch, lights)
     result.update({f'relight_{k}_{name}': float(v.mean()) for k, v in relight[name].items()})
   result['relight_light_rmse_if_unchanged'] = float(_rmse(batch['light'], lights, (1, 2)).mean())
 
   reconstructions = {name: models[name](params[name], batch) for name in ('buffers', 'stage2')}
   personalisation = {name: psnr(reconstructions[name], images01) for name in ('buffers', 'stage2')}
+  in_face = {name: psnr(reconstructions[name], images01, batch['alpha']) for name in ('buffers', 'stage2')}
   result['personalisation_psnr_stage1'] = float(personalisation['buffers'].mean())
   result['personalisation_psnr_stage2'] = float(personalisation['stage2'].mean())
+  result['personalisation_face_psnr_stage1'] = float(in_face['buffers'].mean())
+  result['personalisation_face_psnr_stage2'] = float(in_face['stage2'].mean())
   result['reconstruction_pixel_rmse_stage1'] = float(_rmse(reconstructions['buffers'], images01, (1, 2, 3)).mean())
 
   changes, swaps = disentanglement(models['buffers'], params['buffers'], batch, reconstructions['buffers'])
@@ -383,7 +400,12 @@ def run() -> dict:
                                                           relight['buffers']['light_rmse']),
       'a_relight_pixel_rmse_vector_minus_buffers': paired(relight['vector']['pixel_rmse'] -
                                                           relight['buffers']['pixel_rmse']),
+      'a_stage2_relight_light_rmse_vector_minus_buffers': paired(relight['stage2_vector']['light_rmse'] -
+                                                                 relight['stage2']['light_rmse']),
+      'a_stage2_relight_pixel_rmse_vector_minus_buffers': paired(relight['stage2_vector']['pixel_rmse'] -
+                                                                 relight['stage2']['pixel_rmse']),
       'b_personalisation_psnr_stage2_minus_stage1': paired(personalisation['stage2'] - personalisation['buffers']),
+      'b_personalisation_face_psnr_stage2_minus_stage1': paired(in_face['stage2'] - in_face['buffers']),
       'c_code_swap_change_outside_minus_inside': paired(changes['code_swap_change_outside_face'] -
                                                         changes['code_swap_change_in_face']),
       'c_buffer_swap_change_inside_minus_outside': paired(changes['buffer_swap_change_in_face'] -
@@ -398,14 +420,18 @@ def run() -> dict:
   _say('edit latency at 256x256')
   result['edit_latency_256'] = paper_edit_latency()
 
-  # Rows: held-out images; columns: input, ground truth relit, buffers relit, vector relit,
-  # stage-1 and stage-2 reconstructions, code swap, buffer swap.
-  columns = [images01, ground_truth(relit(batch, lights)), relit_outputs['buffers'], relit_outputs['vector'],
-             reconstructions['buffers'], reconstructions['stage2'], swaps['code_swap'], swaps['buffer_swap']]
+  # Rows: held-out images; columns: input, ground truth relit, relit by the stage-1 buffer and
+  # vector models and by their stage-2 fine-tunes, stage-1 and stage-2 reconstructions, code swap,
+  # buffer swap.
+  columns = [images01, relit_ground_truth(batch, lights), relit_outputs['buffers'], relit_outputs['vector'],
+             relit_outputs['stage2'], relit_outputs['stage2_vector'], reconstructions['buffers'],
+             reconstructions['stage2'], swaps['code_swap'], swaps['buffer_swap']]
   figure = os.path.join(directory, 'diffusionrig_bench.png')
-  image_io.save_png(figure, image_io.image_grid(np.stack(columns, axis=1).reshape(-1, RES, RES, 3) * 2 - 1))
-  print(f'figure: {figure} (rows: held-out images; columns: input, ground-truth relit, relit by the buffer '
-        'model, by the vector model, stage-1 and stage-2 reconstructions, code swap, buffer swap)')
+  image_io.save_png(figure, image_io.image_grid(np.stack(columns, axis=1).reshape(-1, RES, RES, 3) * 2 - 1,
+                                                    cols=len(columns)))
+  print(f'figure: {figure} (rows: held-out images; columns: input, ground-truth relit, relit by the stage-1 '
+        'buffer and vector models and by their stage-2 fine-tunes, stage-1 and stage-2 reconstructions, code '
+        'swap, buffer swap)')
   result['figure'] = figure
   result['load_average'] = os.getloadavg()
   return result

@@ -1,11 +1,19 @@
-"""'rig_subjects': a built-in synthetic set of face-like subjects with exact buffers (DiffusionRig).
+"""'rig_subjects': a built-in synthetic set of face-like subjects with known buffers (DiffusionRig).
 
 Each of NUM_SUBJECTS subjects is an ellipsoid head of its own proportions with
-its own albedo texture (its "identity"), seen IMAGES_PER_SUBJECT times under a
-random SH light and a small random rotation, in front of a background pattern
-drawn independently of the subject (what only an image's global code can
-explain). The renderer is known, so every image comes with exact buffers, and
-`render` draws any subject under any light (ground truth for relighting).
+its own albedo texture (its "identity": a base colour, eyes and sinusoidal
+detail), seen IMAGES_PER_SUBJECT times under a random SH light and a small
+random rotation, in front of a background pattern drawn independently of the
+subject (what only an image's global code can explain). The renderer is known,
+so `render` draws any subject under any light (ground truth for relighting).
+
+Buffers: normals, alpha, light and pose are exact; the 'albedo' buffer is
+coarse, as a 3DMM's would be: the base colour and the eyes without the detail
+the image is rendered with, and 'rendered' shades that coarse albedo (the
+buffer DECA would render). DECA's albedo comes from FLAME's low-dimensional
+texture model and misses identity detail, which stage 2 learns from the album;
+with an exact albedo the buffers would carry the whole identity and
+personalisation would have nothing to learn.
 
 data keys: resolution (square), subjects = 'all' | 'album' (only subject
 album_subject: the stage-2 album) | 'others' (every subject but that one).
@@ -23,7 +31,6 @@ Built on first use into `$VISGEN_CACHE/datasets/` as one .npz per resolution
 (a private file renamed into place, so concurrent builders do not clash).
 """
 
-import dataclasses
 import math
 import os
 import tempfile
@@ -41,7 +48,7 @@ BUFFERS = ('rendered', 'normal', 'albedo')  # the order the model concatenates t
 MAX_ANGLE = 0.25  # radians of yaw and pitch
 # The parts of the 'physical' vector, in order, and their shapes (also an edit input's .npz keys).
 PHYSICAL = {'light': (9, 3), 'head_pose': (2,), 'head_axes': (3,)}
-_VERSION = 2
+_VERSION = 3
 
 
 def subject_shape(subject: int) -> np.ndarray:
@@ -66,12 +73,13 @@ def _rotation(yaw: float, pitch: float) -> np.ndarray:
   return (about_y @ about_x).astype(np.float32)
 
 
-def _albedo(subject: int, q: np.ndarray) -> np.ndarray:
-  """The subject's texture at head-frame points q [..., 3] (it turns with the head)."""
+def _albedo(subject: int, q: np.ndarray, detail: bool) -> np.ndarray:
+  """The subject's texture at head-frame points q [..., 3] (it turns with the head): base colour
+  and eyes, and with `detail` the sinusoidal identity detail (what a 3DMM's albedo misses)."""
   rng = np.random.default_rng([subject, 1])
   base = rng.uniform(0.35, 0.85, 3)
   freq, phase, amp = rng.uniform(2, 6, (3, 3)), rng.uniform(0, 2 * math.pi, 3), rng.uniform(0.05, 0.15, 3)
-  texture = base + sum(amp[i] * np.sin(q @ freq[i] + phase[i])[..., None] for i in range(3))
+  texture = base + detail * sum(amp[i] * np.sin(q @ freq[i] + phase[i])[..., None] for i in range(3))
   eyes = sum(np.exp(-((q[..., 0] - s * 0.22) ** 2 + (q[..., 1] - 0.15) ** 2) / 0.006) for s in (-1, 1))
   return np.clip(texture * (1 - 0.7 * eyes[..., None]), 0.02, 1).astype(np.float32)
 
@@ -85,7 +93,8 @@ def background(rng, resolution: int) -> np.ndarray:
 
 
 def render(subject: int, light, yaw: float, pitch: float, resolution: int, background=None) -> dict:
-  """One image of `subject` and its buffers (an orthographic view of the rotated head)."""
+  """One image of `subject` (full texture) and its buffers (coarse albedo), an orthographic view of
+  the rotated head; 'texture' is the full texture, masked (not a buffer: ground truth)."""
   v, u = np.mgrid[1:-1:resolution * 1j, -1:1:resolution * 1j].astype(np.float32)
   axes, rotation = subject_shape(subject), _rotation(yaw, pitch)
   # Points p = (u, v, z) on the ray; in the head frame q = R^T p lies on q^T D q = 1.
@@ -99,12 +108,14 @@ def render(subject: int, light, yaw: float, pitch: float, resolution: int, backg
   p = np.stack([u, v, z], axis=-1)
   normal = p @ d  # gradient of p^T D p (D symmetric)
   normal = normal / np.linalg.norm(normal, axis=-1, keepdims=True) * alpha[..., None]
-  albedo = _albedo(subject, p @ rotation) * alpha[..., None]  # q = R^T p, row-wise
-  rendered = np.asarray(sh_lighting.shade(normal, albedo, alpha, np.asarray(light, np.float32)))
-  background = np.zeros_like(rendered) if background is None else background
-  image = np.clip(rendered + background * (1 - alpha[..., None]), 0, 1) * 2 - 1
+  q = p @ rotation  # q = R^T p, row-wise
+  texture, albedo = (_albedo(subject, q, detail) * alpha[..., None] for detail in (True, False))
+  light = np.asarray(light, np.float32)
+  face, rendered = (np.asarray(sh_lighting.shade(normal, a, alpha, light)) for a in (texture, albedo))
+  background = np.zeros_like(face) if background is None else background
+  image = np.clip(face + background * (1 - alpha[..., None]), 0, 1) * 2 - 1
   return {'image': image.astype(np.float32), 'rendered': rendered.astype(np.float32),
-          'normal': normal.astype(np.float32), 'albedo': albedo, 'alpha': alpha}
+          'normal': normal.astype(np.float32), 'albedo': albedo, 'alpha': alpha, 'texture': texture}
 
 
 def _build(resolution: int) -> dict:
@@ -115,6 +126,7 @@ def _build(resolution: int) -> dict:
       light = random_light(rng)
       yaw, pitch = rng.uniform(-MAX_ANGLE, MAX_ANGLE, 2)
       example = render(subject, light, yaw, pitch, resolution, background(rng, resolution))
+      del example['texture']  # ground truth, not part of the set
       examples.append(dict(example, light=light, head_pose=np.array([yaw, pitch], np.float32),
                            head_axes=subject_shape(subject), subject=np.int32(subject)))
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
