@@ -188,14 +188,15 @@ def _rmse(a, b, axes) -> np.ndarray:
   return np.sqrt(np.mean((np.asarray(a) - np.asarray(b)) ** 2, axis=axes))
 
 
-def relighting(model: Model, params, batch: dict, lights: np.ndarray) -> tuple[dict, np.ndarray]:
-  """Per image: light RMSE of the re-estimated light and pixel RMSE to the ground truth; the outputs."""
-  target = relit(batch, lights)
+def relighting(model: Model, params, batch: dict, target: dict, truth: np.ndarray) -> tuple[dict, np.ndarray]:
+  """Per image: light RMSE of the light re-estimated from the outputs for `target` (`relit(batch,
+  lights)`) and pixel RMSE to `truth` (`relit_ground_truth(batch, lights)`); the outputs."""
+  lights = target['light']
   outputs = model(params, target)
   estimated = np.stack([np.asarray(sh_lighting.estimate_light(o, n, a, m)) for o, n, a, m in
                         zip(outputs, batch['normal'], batch['texture'], batch['alpha'])])
   return {'light_rmse': _rmse(estimated, lights, (1, 2)),
-          'pixel_rmse': _rmse(outputs, relit_ground_truth(batch, lights), (1, 2, 3))}, outputs
+          'pixel_rmse': _rmse(outputs, truth, (1, 2, 3))}, outputs
 
 
 def psnr(outputs, images01, mask=None) -> np.ndarray:
@@ -377,9 +378,10 @@ def run() -> dict:
   # First: the buffer model's first generation of this batch shape includes its compilation.
   _say('evaluating')
   result['edit_latency_tiny'] = edit_latency(models['buffers'], params['buffers'], batch)
+  target, truth = relit(batch, lights), relit_ground_truth(batch, lights)
   relight, relit_outputs = {}, {}
   for name in ('buffers', 'vector', 'stage2', 'stage2_vector'):
-    relight[name], relit_outputs[name] = relighting(models[name], params[name], batch, lights)
+    relight[name], relit_outputs[name] = relighting(models[name], params[name], batch, target, truth)
     result.update({f'relight_{k}_{name}': float(v.mean()) for k, v in relight[name].items()})
   result['relight_light_rmse_if_unchanged'] = float(_rmse(batch['light'], lights, (1, 2)).mean())
 
@@ -423,7 +425,7 @@ def run() -> dict:
   # Rows: held-out images; columns: input, ground truth relit, relit by the stage-1 buffer and
   # vector models and by their stage-2 fine-tunes, stage-1 and stage-2 reconstructions, code swap,
   # buffer swap.
-  columns = [images01, relit_ground_truth(batch, lights), relit_outputs['buffers'], relit_outputs['vector'],
+  columns = [images01, truth, relit_outputs['buffers'], relit_outputs['vector'],
              relit_outputs['stage2'], relit_outputs['stage2_vector'], reconstructions['buffers'],
              reconstructions['stage2'], swaps['code_swap'], swaps['buffer_swap']]
   figure = os.path.join(directory, 'diffusionrig_bench.png')

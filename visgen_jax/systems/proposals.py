@@ -25,6 +25,7 @@ Command (on the latest checkpoint):
       python data_prep/build_segmentation_dataset.py ... --proposals=DIR
 """
 
+import functools
 import json
 import os
 
@@ -67,17 +68,20 @@ def to_network_input(images):
   return (images + 1.0) * 127.5
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model: Mask2Former, params, image):
+  """Object scores [Q] and mask logits [Q, h, w] of one image [H, W, 3] (compiled once per network
+  and shape, however many proposers are made: one per evaluation)."""
+  class_logits, mask_logits = model.apply({'params': params}, image[None])[-1]
+  return object_scores(class_logits[0]), mask_logits[0]
+
+
 def make_proposer(model: Mask2Former, params, size: int, topk: int, score_threshold: float = 0.0):
   """propose(image uint8 [H, W, 3], where) → records.Proposals: float32 mask logits [K, H, W] at
   the image's size and object scores [K], best first; the top `topk` with a score above
   `score_threshold` (K = 0 is a defined empty result). `where` names the image's setting in
   errors."""
   check_input_size(size, 'the proposal input size')
-
-  @jax.jit
-  def forward(params, image):
-    class_logits, mask_logits = model.apply({'params': params}, image[None])[-1]
-    return object_scores(class_logits[0]), mask_logits[0]
 
   def propose(image, where: str):
     image = np.asarray(image)
@@ -92,7 +96,7 @@ def make_proposer(model: Mask2Former, params, size: int, topk: int, score_thresh
       raise UserError(f'{where}: the {width}x{height} image becomes {w}x{h} at the proposal '
                       f'input size {size}; its shorter side must reach the backbone stride '
                       f'{STRIDE} (crop it nearer to square or raise the input size).')
-    scores, masks = jax.device_get(forward(params, jnp.asarray(to_network_input(example['image']))))
+    scores, masks = jax.device_get(_forward(model, params, jnp.asarray(to_network_input(example['image']))))
     order = np.argsort(-scores, kind='stable')[:topk]
     order = order[scores[order] > score_threshold]
     masks = results.resize_logits(masks[order], (size, size))[:, :h, :w]
