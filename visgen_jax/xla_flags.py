@@ -2,8 +2,8 @@
 
 `visgen_jax/__init__.py` applies them on import, so they take effect when JAX starts its
 backends afterwards (XLA reads XLA_FLAGS once, at the first computation); a process that ran
-JAX before importing visgen_jax keeps XLA's own defaults. Each was measured with
-`python -m visgen_jax.bench maskclip` on the jaxlib minor version in `MEASURED_ON` and is
+JAX before importing visgen_jax keeps XLA's own defaults. Each was measured with the benches
+(`python -m visgen_jax.bench adm`, `maskclip`) on the jaxlib minor version in `MEASURED_ON` and is
 applied only there, since experimental flags come and go (an unknown flag aborts XLA).
 """
 
@@ -12,10 +12,14 @@ import os
 
 MEASURED_ON = '0.10.'
 CPU_DEFAULTS = {
-    # XLA hands dots to YNNPACK by default; on an AVX-512 core its f32 matmuls ran ~20 % below
-    # XLA's own (Eigen) kernels, which match PyTorch (CLIP's 788×768×3072 MLP matmul: 145 vs
-    # 180 GFLOP/s, torch 184). Convolutions and reductions stay with YNNPACK.
-    'xla_cpu_experimental_ynn_fusion_type': 'individual_convolution,reduce',
+    # XLA hands dots to YNNPACK by default; the project hands it reductions instead. Dots: on an
+    # AVX-512 core YNNPACK's f32 matmuls ran ~20 % below XLA's own (Eigen) kernels, which match
+    # PyTorch (CLIP's 788×768×3072 MLP matmul: 145 vs 180 GFLOP/s, torch 184). Reductions:
+    # YNNPACK's per-channel sums (norm statistics, bias gradients) ran 2-4x faster than XLA's
+    # loops; the bench ADM's training step 1.46 → 1.23 s (torch 1.0 s). Convolutions stay with
+    # Eigen: YNNPACK's filter gradients (a window as large as the image) ran 2-4x slower, that
+    # step took 1.98 s with them.
+    'xla_cpu_experimental_ynn_fusion_type': 'reduce',
 }
 
 
