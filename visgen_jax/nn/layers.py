@@ -57,9 +57,21 @@ def _group_stats(x, num_groups: int, epsilon: float):
   return mean, jax.lax.rsqrt(jnp.maximum(var, 0.0) + epsilon)
 
 
+def _group_to_channels(group_values, channels: int):
+  """[B, G] → [B, C], each group's value on its channels.
+
+  A product with a 0/1 matrix, which is exact: XLA CPU fuses a repeat into the
+  activation-sized loop that consumes it, mapping every element's channel to its group
+  there, which made GroupNorm's loops 1.4x slower.
+  """
+  groups = group_values.shape[-1]
+  expand = jnp.repeat(jnp.eye(groups, dtype=group_values.dtype), channels // groups, axis=1)
+  return jnp.dot(group_values, expand, precision=jax.lax.Precision.HIGHEST)
+
+
 def _per_channel(group_values, x):
   """[B, G] → [B, 1, ..., 1, C], each group's value on its channels."""
-  per_channel = jnp.repeat(group_values, x.shape[-1] // group_values.shape[-1], axis=-1)
+  per_channel = _group_to_channels(group_values, x.shape[-1])
   return per_channel.reshape(x.shape[:1] + (1,) * (x.ndim - 2) + x.shape[-1:])
 
 
@@ -107,7 +119,7 @@ def _group_norm_backward(num_groups, epsilon, silu, saved, grad_out):
   batch, channels = x.shape[0], x.shape[-1]
   pixels = tuple(range(1, x.ndim - 1))
   sum_grad = jnp.sum(grad_out, axis=pixels)
-  mean_c, inv_std_c = (jnp.repeat(v, channels // num_groups, axis=-1) for v in (mean, inv_std))
+  mean_c, inv_std_c = (_group_to_channels(v, channels) for v in (mean, inv_std))
   sum_grad_normalized = (jnp.sum(grad_out * x, axis=pixels) - mean_c * sum_grad) * inv_std_c
   per_image = scale.ndim == 2
   grad_scale = sum_grad_normalized if per_image else sum_grad_normalized.sum(0)
