@@ -164,6 +164,52 @@ class GroupNorm32(nn.Module):
     return group_norm(x.astype(jnp.float32), scale, bias, self.num_groups, self.epsilon, silu).astype(x.dtype)
 
 
+def _conv(x, kernel, strides, padding):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_nhwc(x, kernel, strides, padding):
+  """A convolution of x [B, H, W, Cin] with kernel [kh, kw, Cin, Cout], explicit padding.
+
+  Its own gradient only for the kernel's: XLA CPU runs autodiff's filter gradient (a
+  correlation of x with the output gradient, padding inside) 10-30 % slower than the same
+  correlation over an x padded beforehand.
+  """
+  return _conv(x, kernel, strides, padding)
+
+
+def _conv_nhwc_forward(x, kernel, strides, padding):
+  return _conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_nhwc_backward(strides, padding, saved, grad_out):
+  x, kernel = saved
+  grad_x = jax.vjp(lambda a: _conv(a, kernel, strides, padding), x)[1](grad_out)[0]
+  padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  # Channels as the batch, images as the features: [Cin, kh', kw', Cout], the strides as the
+  # output gradient's dilation (its extent can exceed the kernel's by stride - 1 at the end).
+  grad_kernel = jax.lax.conv_general_dilated(padded, grad_out, (1, 1), 'VALID', rhs_dilation=strides,
+                                             dimension_numbers=('CHWN', 'IHWO', 'NHWC'))
+  kh, kw = kernel.shape[:2]
+  return grad_x, grad_kernel[:, :kh, :kw].transpose(1, 2, 0, 3).astype(kernel.dtype)
+
+
+_conv_nhwc.defvjp(_conv_nhwc_forward, _conv_nhwc_backward)
+
+
+def conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None):
+  """jax.lax.conv_general_dilated as flax's nn.Conv calls it, through `_conv_nhwc` for the
+  convolutions `conv2d` makes (NHWC/HWIO, explicit padding, no dilation, one group)."""
+  nhwc = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ('NHWC', 'HWIO', 'NHWC'))
+  if (dimension_numbers == nhwc and not isinstance(padding, str) and feature_group_count == 1
+      and precision is None and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))):
+    return _conv_nhwc(x, kernel, tuple(window_strides), tuple(map(tuple, padding)))
+  return jax.lax.conv_general_dilated(x, kernel, window_strides, padding, lhs_dilation, rhs_dilation,
+                                      dimension_numbers, feature_group_count, precision=precision)
+
+
 def conv2d(features: int, kernel_size: int = 3, stride: int = 1, *, zero_init: bool = False,
            dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
   """A PyTorch-equivalent Conv2d (padding k//2 on every side), NHWC/HWIO.
@@ -176,7 +222,7 @@ def conv2d(features: int, kernel_size: int = 3, stride: int = 1, *, zero_init: b
       features, (kernel_size, kernel_size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
       dtype=dtype, param_dtype=jnp.float32,
       kernel_init=nn.initializers.zeros if zero_init else torch_kernel_init,
-      bias_init=nn.initializers.zeros, name=name)
+      bias_init=nn.initializers.zeros, conv_general_dilated=conv_general_dilated, name=name)
 
 
 def dense(features: int, *, zero_init: bool = False, dtype: Dtype = jnp.float32,
