@@ -37,7 +37,8 @@ and std (latent.znormalize, Diff-AE's default). latent.stage:
              (its EMA weights) with config.frozen=('^(?!latent/)',), and trains
              only the latent DPM on the first run's table or encoder (eval
              mode); UNet, codes and encoder are frozen copies, so the second
-             workdir samples alone. Public code: batch 512, AdamW (weight
+             workdir samples alone; on a table it reads no images (the
+             trainer feeds no data). Public code: batch 512, AdamW (weight
              decay 0.01), 60M samples.
 Sampling draws codes with DDIM (latent.sample_steps) unless sample.code_index
 picks table rows.

@@ -14,6 +14,7 @@ from PIL import Image
 from tests.helpers import random_params, run_main
 from visgen_jax.errors import UserError
 from visgen_jax.kernels.collage import collage, collage_band
+from visgen_jax.data import pipeline
 from visgen_jax.diffusion import schedules
 from visgen_jax.models.latent_mlp import LatentMLP, latent_loss, sample_codes
 from visgen_jax.models.patch_unet import (
@@ -259,7 +260,7 @@ def test_cli_trains_and_outpaints(tmp_path):
   np.testing.assert_array_equal(image[:, 16:48], 200)  # the known centre is kept exactly
 
 
-def test_second_stage_trains_only_the_latent_dpm_on_the_first_runs_ema_weights(tmp_path):
+def test_second_stage_trains_only_the_latent_dpm_on_the_first_runs_ema_weights(tmp_path, monkeypatch):
   # A first run's checkpoint without training it: random weights, EMA different from raw.
   first_config = tiny_config('latent.enabled=false')
   batch = {'image': jnp.zeros((1, 32, 64, 3)), 'index': jnp.zeros((1,), jnp.int32)}
@@ -271,6 +272,8 @@ def test_second_stage_trains_only_the_latent_dpm_on_the_first_runs_ema_weights(t
 
   stage = ('latent.stage=second', f'init_from={tmp_path / "first"}', f'frozen={patchdm.SECOND_STAGE_FROZEN[0]}')
   second = tiny_config(*stage, 'total_steps=2', 'sample_every=0', 'optimizer.learning_rate=1e-2')
+  # Its loss reads no batch: no image is decoded.
+  monkeypatch.setattr(pipeline, 'make_train_iterator', lambda *a, **k: pytest.fail('the second stage read data'))
   state = jax.device_get(trainer.train(second, str(tmp_path / 'latent')))
   for name in ('unet', 'codes'):  # the first run's EMA weights, frozen: no EMA copy of their own
     jax.tree.map(np.testing.assert_array_equal, state['params'][name], jax.device_get(first['ema_params'][name]))
@@ -278,6 +281,8 @@ def test_second_stage_trains_only_the_latent_dpm_on_the_first_runs_ema_weights(t
   # Every latent weight trained: two Adam steps of 1e-2 move each by about 2e-2, the EMA (0.99) far less.
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), state['params']['latent'], state['ema_params']['latent'])
   assert min(jax.tree.leaves(moved)) > 1e-3
+  resumed = trainer.train(tiny_config(*stage, 'total_steps=3', 'sample_every=0'), str(tmp_path / 'latent'))
+  assert int(resumed['step']) == 3
   with pytest.raises(UserError, match=r'another shape than in this model \(codes'):
     trainer.train(tiny_config(*stage, 'model.code_dim=16'), str(tmp_path / 'other'))
   assert not (tmp_path / 'other').exists()

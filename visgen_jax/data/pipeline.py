@@ -237,3 +237,25 @@ def example_batch(data_config, batch_size: int) -> dict:
   spec = registry.validate(data_config).spec(data_config)
   return {key: np.zeros((batch_size, *f.shape), f.dtype)
           for key, f in spec.items()}
+
+
+class ExampleIterator:
+  """`example_batch` forever, for a loss that reads no batch; a DataIterator without data
+  (its saved position is only what it stands for)."""
+
+  def __init__(self, data_config, batch_size: int):
+    self._batch = example_batch(data_config, batch_size)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return self._batch
+
+  def get_state(self) -> dict:
+    return {'settings': {'reads': 'no data'}}
+
+  def set_state(self, state: dict) -> None:
+    if state != self.get_state():
+      raise UserError(f'data iterator: the saved state {state} was made by a run that read data, '
+                      'this one reads none; resume with the same config.')

@@ -49,6 +49,9 @@ class System:
   # Top-level params keys that hold model state the forward pass updates (e.g.
   # 'batch_stats'): not trained, no EMA; see visgen_jax/train/trainer.py.
   state_keys: tuple = ()
+  # False when loss_fn ignores its batch (Patch-DM's second stage on a code table): the
+  # trainer then reads no data and passes zeros shaped like a batch.
+  reads_batch: bool = True
 
 
 def _recipe(config):

@@ -326,4 +326,5 @@ def make(config) -> System:
   second_stage = lat.enabled and lat.stage == 'second'
   return System(init=init, loss_fn=second_stage_loss_fn if second_stage else loss_fn, sample=sample,
                 commands=editing.commands(config, run_sampler, sample_schedule.num_steps, sample_hw, 'sample.size'),
-                load_pretrained=load_pretrained if config.codes.init == 'clip' and not second_stage else None)
+                load_pretrained=load_pretrained if config.codes.init == 'clip' and not second_stage else None,
+                reads_batch=not second_stage or bool(encoder))

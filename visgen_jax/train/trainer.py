@@ -309,9 +309,13 @@ def _check_frozen_are_loaded(s: Setup, replaced: dict):
 
 def train(config, workdir: str):
   s = setup(config)
-  data_iter = pipeline.make_train_iterator(
-      config.data, local_batch_size=config.batch_size // jax.process_count(), seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  local_batch = config.batch_size // jax.process_count()
+  if s.system.reads_batch:
+    data_iter = pipeline.make_train_iterator(config.data, local_batch_size=local_batch, seed=config.seed,
+                                             process_index=jax.process_index(),
+                                             process_count=jax.process_count())
+  else:
+    data_iter = pipeline.ExampleIterator(config.data, local_batch)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   start = checkpoint.latest_step(ckpt_dir)
   if start is None:
@@ -327,7 +331,7 @@ def train(config, workdir: str):
   ckpt = checkpoint.Checkpointer(ckpt_dir, config.keep_checkpoints)
   if start == 0:
     write_run_config(config, workdir)
-    example = _global_batch(s.mesh, pipeline.example_batch(config.data, config.batch_size // jax.process_count()))
+    example = _global_batch(s.mesh, pipeline.example_batch(config.data, local_batch))
     init_key = jax.random.fold_in(s.root_key, INIT_STREAM)
     state = jax.jit(lambda k, b: _init_state(s.system, s.tx, s.trainable, k, b, _keeps_ema(config)),
                     out_shardings=s.state_shardings)(init_key, example)
