@@ -7,10 +7,12 @@ same batch and thread count, measured side by side in one run. The
 architecture is configs/adm_ffhq256.py's (scale-shift norm, resblock_updown,
 learned σ, attention at 16) at 64² with 64 channels, so a 2-core CPU finishes.
 
-`parts` times each part of a training step and a sampler step on both sides
-(interleaved repeats, medians of wall and of process CPU time: CPU time is the
-steadier figure on a loaded machine), and `top_ops` lists where one training
-step spends its time: XLA's thunks from a JAX profiler trace (named by the op
+`side_by_side` times the training step alone and the UNet's eval forward (a sampler
+step's network call), each side's call right after the other's; `parts` times each part
+of a training step (loss forward, forward + backward, Adam + EMA, the whole step) on both
+sides (both: interleaved repeats, medians of wall and of process CPU time: CPU time is the
+steadier figure on a loaded machine), and `top_ops` lists where one training step spends
+its time: XLA's thunks from a JAX profiler trace (named by the op
 at the root of each fusion) beside torch.profiler's table.
 
 VISGEN_BENCH_ADM_MEMORY=1 adds `memory_256`: the peak memory of one training
@@ -175,9 +177,14 @@ def train_images_per_s(ours: _Flax, theirs: _Torch, repeats=3):
   return BATCH / best_time(ours.train_step, repeats), BATCH / best_time(theirs.train_step, repeats)
 
 
-def ddim50_images_per_s(config, torch, model, ddim, repeats=1):
+def _flax_unet(config, model):
+  """The Flax UNet and torch `model`'s weights converted for it."""
   unet = make_unet(config.model)
-  params = jax.device_put(convert_unet_state_dict({k: v.numpy() for k, v in model.state_dict().items()}, unet))
+  return unet, jax.device_put(convert_unet_state_dict({k: v.numpy() for k, v in model.state_dict().items()}, unet))
+
+
+def ddim50_images_per_s(config, torch, model, ddim, repeats=1):
+  unet, params = _flax_unet(config, model)
   schedule = schedules.respace(schedules.make_schedule(config.diffusion.noise_schedule,
                                                        config.diffusion.num_timesteps), 'ddim50')
   x_T = jax.random.normal(jax.random.key(1), (BATCH, SIZE, SIZE, 3))
@@ -193,6 +200,31 @@ def ddim50_images_per_s(config, torch, model, ddim, repeats=1):
       ddim.ddim_sample_loop(model, noise.shape, noise=noise, clip_denoised=True)
 
   return BATCH / best_time(ours, repeats), BATCH / best_time(theirs, repeats)
+
+
+def side_by_side(config, ours: _Flax, theirs: _Torch, torch, model, repeats=5) -> dict:
+  """The training step alone and the UNet's eval forward (one sampler step's network call),
+  each side's call right after the other's; medians, with ratios torch / flax."""
+  unet, params = _flax_unet(config, model)
+  x = jax.random.normal(jax.random.key(1), (BATCH, SIZE, SIZE, 3))
+  t = jnp.full((BATCH,), config.diffusion.num_timesteps // 2)
+  forward = jax.jit(lambda p, x, t: unet.apply({'params': p}, x, t))
+  torch_x = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+  torch_t = torch.from_numpy(np.asarray(t))
+
+  def torch_forward():
+    model.eval()
+    with torch.no_grad():
+      model(torch_x, torch_t)
+    model.train()
+
+  times = _median_times({'flax/train_step': ours.train_step, 'torch/train_step': theirs.train_step,
+                         'flax/eval_forward': lambda: jax.block_until_ready(forward(params, x, t)),
+                         'torch/eval_forward': torch_forward}, repeats)
+  return {name: {'flax': times[f'flax/{name}'], 'torch': times[f'torch/{name}'],
+                 'speed_ratio_wall': times[f'torch/{name}']['wall_s'] / times[f'flax/{name}']['wall_s'],
+                 'speed_ratio_cpu': times[f'torch/{name}']['cpu_s'] / times[f'flax/{name}']['cpu_s']}
+          for name in ('train_step', 'eval_forward')}
 
 
 def parts(ours: _Flax, theirs: _Torch, repeats=3) -> dict:
@@ -313,6 +345,7 @@ def run() -> dict:
       'ddim_step_s': {'flax': 1 / sample_ours * BATCH / 50, 'torch': 1 / sample_theirs * BATCH / 50},
       'train_step_flops': flops_report(ours.step, (ours.state, ours.batch), BATCH / train_ours,
                                        dtype=config.compute_dtype),
+      'side_by_side': side_by_side(config, ours, theirs, torch, model),
       'parts': parts(ours, theirs),
       'top_ops': {'flax': flax_top_ops(ours), 'torch': torch_op_profile(theirs.train_step, calls=1, top=TOP_OPS)},
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
