@@ -280,6 +280,21 @@ def test_example_batch_matches_real_batches():
     assert example[key].dtype == batch[key].dtype
 
 
+def test_example_iterator_resumes_only_runs_that_read_no_data():
+  config = data_config()
+  reads_none = pipeline.ExampleIterator(config, 2)
+  state = json.loads(json.dumps(reads_none.get_state()))
+  pipeline.ExampleIterator(config, 2).set_state(state)
+  np.testing.assert_array_equal(next(reads_none)['image'], pipeline.example_batch(config, 2)['image'])
+
+  reads_data = pipeline.make_train_iterator(config, local_batch_size=2, seed=0)
+  first_batches(reads_data, 1)
+  with pytest.raises(UserError, match='read data, this one reads none'):
+    pipeline.ExampleIterator(config, 2).set_state(reads_data.get_state())
+  with pytest.raises(UserError, match='data iterator'):
+    pipeline.make_train_iterator(config, local_batch_size=2, seed=0).set_state(state)
+
+
 def test_worker_processes_give_the_same_batches():
   make = lambda workers: pipeline.make_train_iterator(
       data_config(random_flip=True, worker_count=workers, prefetch=2),
