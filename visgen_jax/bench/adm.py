@@ -7,8 +7,9 @@ same batch and thread count, measured side by side in one run. The
 architecture is configs/adm_ffhq256.py's (scale-shift norm, resblock_updown,
 learned σ, attention at 16) at 64² with 64 channels, so a 2-core CPU finishes.
 
-`side_by_side` times the training step alone and the UNet's eval forward (a sampler
-step's network call), each side's call right after the other's; `parts` times each part
+`side_by_side` times the training step alone, the step without the 3x3 convolutions'
+filter gradients (their kernels frozen on both sides: where the remaining gap is) and the
+UNet's eval forward (a sampler step's network call), each side's call right after the other's; `parts` times each part
 of a training step (loss forward, forward + backward, Adam + EMA, the whole step) on both
 sides (both: interleaved repeats, medians of wall and of process CPU time: CPU time is the
 steadier figure on a loaded machine), and `top_ops` lists where one training step spends
@@ -23,6 +24,7 @@ model, a few minutes on 2 cores.
 """
 
 import collections
+import copy
 import json
 import os
 import re
@@ -203,8 +205,10 @@ def ddim50_images_per_s(config, torch, model, ddim, repeats=1):
 
 
 def side_by_side(config, ours: _Flax, theirs: _Torch, torch, model, repeats=5) -> dict:
-  """The training step alone and the UNet's eval forward (one sampler step's network call),
-  each side's call right after the other's; medians, with ratios torch / flax."""
+  """The training step alone, the step without the 3x3 convolutions' filter gradients (their
+  kernels frozen: `config.frozen` here, requires_grad=False there) and the UNet's eval forward
+  (one sampler step's network call), each side's call right after the other's; medians, with
+  ratios torch / flax. The first two give each side's filter-gradient seconds per step."""
   unet, params = _flax_unet(config, model)
   x = jax.random.normal(jax.random.key(1), (BATCH, SIZE, SIZE, 3))
   t = jnp.full((BATCH,), config.diffusion.num_timesteps // 2)
@@ -218,13 +222,26 @@ def side_by_side(config, ours: _Flax, theirs: _Torch, torch, model, repeats=5) -
       model(torch_x, torch_t)
     model.train()
 
+  frozen_config = config.copy_and_resolve_references()
+  frozen_config.frozen = (r'conv/kernel$',)
+  ours_frozen = _Flax(frozen_config)
+  frozen_model = copy.deepcopy(model)
+  for p in frozen_model.parameters():
+    p.requires_grad_(p.ndim != 4 or p.shape[-1] != 3)
+  theirs_frozen = _Torch(config, torch, frozen_model, theirs.diffusion, ours.batch['image'])
   times = _median_times({'flax/train_step': ours.train_step, 'torch/train_step': theirs.train_step,
+                         'flax/train_step_3x3_kernels_frozen': ours_frozen.train_step,
+                         'torch/train_step_3x3_kernels_frozen': theirs_frozen.train_step,
                          'flax/eval_forward': lambda: jax.block_until_ready(forward(params, x, t)),
                          'torch/eval_forward': torch_forward}, repeats)
-  return {name: {'flax': times[f'flax/{name}'], 'torch': times[f'torch/{name}'],
-                 'speed_ratio_wall': times[f'torch/{name}']['wall_s'] / times[f'flax/{name}']['wall_s'],
-                 'speed_ratio_cpu': times[f'torch/{name}']['cpu_s'] / times[f'flax/{name}']['cpu_s']}
-          for name in ('train_step', 'eval_forward')}
+  out = {name: {'flax': times[f'flax/{name}'], 'torch': times[f'torch/{name}'],
+                'speed_ratio_wall': times[f'torch/{name}']['wall_s'] / times[f'flax/{name}']['wall_s'],
+                'speed_ratio_cpu': times[f'torch/{name}']['cpu_s'] / times[f'flax/{name}']['cpu_s']}
+         for name in ('train_step', 'train_step_3x3_kernels_frozen', 'eval_forward')}
+  out['filter_gradients_wall_s'] = {side: times[f'{side}/train_step']['wall_s']
+                                    - times[f'{side}/train_step_3x3_kernels_frozen']['wall_s']
+                                    for side in ('flax', 'torch')}
+  return out
 
 
 def parts(ours: _Flax, theirs: _Torch, repeats=3) -> dict:
