@@ -27,3 +27,11 @@ def test_unknown_peak_leaves_mfu_null_with_the_reason():
   assert common.device_peak('NVIDIA H100 PCIe', 'float32') == (378e12, None)
   peak, note = common.device_peak('TPU v4', 'float32')
   assert peak is None and 'no float32 peak' in note
+
+
+def test_bench_command_offers_only_modules_with_a_run():
+  from visgen_jax.bench import __main__ as command  # pylint: disable=g-import-not-at-top
+  names = set(command.bench_names())
+  assert {'adm', 'diffusionrig', 'proposals', 'samplers'} <= names
+  assert not names & {'common', 'oracles', 'gen2res_toy'}
+  assert command.main(['bench', 'common']) == 2

@@ -1,15 +1,27 @@
 """python -m visgen_jax.bench NAME: runs visgen_jax.bench.NAME.run() and prints its JSON last."""
 
 import importlib
+import importlib.util
 import json
 import pkgutil
+import re
 import sys
 
 import visgen_jax.bench
 
 
+def bench_names() -> list[str]:
+  """The modules of visgen_jax.bench that define run() (the others are their shared helpers)."""
+  names = []
+  for module in pkgutil.iter_modules(visgen_jax.bench.__path__):
+    with open(importlib.util.find_spec(f'visgen_jax.bench.{module.name}').origin) as source:
+      if re.search(r'^def run\(', source.read(), re.MULTILINE):
+        names.append(module.name)
+  return sorted(names)
+
+
 def main(argv):
-  names = sorted(m.name for m in pkgutil.iter_modules(visgen_jax.bench.__path__) if m.name != '__main__')
+  names = bench_names()
   if len(argv) != 2 or argv[1] not in names:
     print(f'usage: python -m visgen_jax.bench NAME, NAME one of: {", ".join(names)}', file=sys.stderr)
     return 2
