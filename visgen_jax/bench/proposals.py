@@ -31,6 +31,7 @@ import numpy as np
 
 from visgen_jax.bench import maskclip as maskclip_bench
 from visgen_jax.bench import oracles
+from visgen_jax.bench.common import flops_report
 from visgen_jax.convert import mask2former as m2f_convert
 from visgen_jax.data import segmentation as seg_data
 from visgen_jax.data.segmentation import sample as seg_sample
@@ -115,11 +116,12 @@ def speed(size=SPEED['size'], rounds=SPEED['rounds']) -> dict:
 
   flax_masks = np.asarray(forward(params, images)[1])
   difference = float(np.abs(flax_masks - run_torch().numpy()).max())
-  best = maskclip_bench.interleaved_best(
+  best, _ = maskclip_bench.interleaved_best(
       {'flax': lambda: forward(params, images)[1].block_until_ready(), 'torch': run_torch}, rounds)
   return {'speed_images_per_sec_flax_512': 1 / best['flax'], 'speed_images_per_sec_transformers_512': 1 / best['torch'],
           'speed_ratio_flax_over_transformers_512': best['torch'] / best['flax'], 'speed_threads': threads,
-          'speed_max_mask_logit_difference_512': difference}
+          'speed_max_mask_logit_difference_512': difference,
+          'speed_flax_flops_512': flops_report(forward, (params, images), best['flax'])}
 
 
 # --- (3) FLOPs -----------------------------------------------------------------------------------
