@@ -83,6 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from visgen_jax import image_io
+from visgen_jax.bench.common import flops_report
 from visgen_jax.data import pipeline, rig_subjects
 from visgen_jax.diffusion import losses, schedules
 from visgen_jax.models import sh_lighting
@@ -253,12 +254,14 @@ def _step_runner(config, batch):
     jax.block_until_ready(metrics)
 
   run()  # compile
+  run.flops = lambda seconds: flops_report(step, (state[0], batch), seconds, dtype=config.compute_dtype)
   return run
 
 
 def _interleaved_rates(runners: dict, images: int, repeats: int) -> dict:
   """Images/s of each runner (one call: `images` images), interleaved repeats, the median of each,
-  and the conditioning cost (plain_adm's rate over diffusionrig's, minus 1)."""
+  the conditioning cost (plain_adm's rate over diffusionrig's, minus 1) and the conditioned
+  model's FLOPs per call (with its MFU on a GPU/TPU)."""
   times = {name: [] for name in runners}
   for _ in range(repeats):
     for name, run in runners.items():
@@ -266,7 +269,8 @@ def _interleaved_rates(runners: dict, images: int, repeats: int) -> dict:
       run()
       times[name].append(time.perf_counter() - start)
   rates = {name: images / statistics.median(t) for name, t in times.items()}
-  return {**rates, 'conditioning_cost': rates['plain_adm'] / rates['diffusionrig'] - 1}
+  return {**rates, 'conditioning_cost': rates['plain_adm'] / rates['diffusionrig'] - 1,
+          'diffusionrig_flops': runners['diffusionrig'].flops(images / rates['diffusionrig'])}
 
 
 def throughput(config, batch, repeats: int) -> dict:
@@ -294,6 +298,7 @@ def _unet_gradient_runner(unet: ADMUNet, batch: dict, condition, code, p2: dict)
     jax.block_until_ready(gradient(params, jax.random.key(1)))
 
   run()  # compile
+  run.flops = lambda seconds: flops_report(gradient, (params, jax.random.key(1)), seconds)
   return run
 
 
