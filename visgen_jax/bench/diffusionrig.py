@@ -60,7 +60,9 @@ three random batches of the 32-channel toy; the toy's UNet leans on the code lit
                      inside, buffer swap inside − outside): mean, standard error, and
                      `shown` = the mean is more than SHOWN_AT standard errors above 0.
   train_images_per_s the trainer's step of the toy buffer model (batch 16) vs a plain ADM UNet
-                     of the same size (no buffers, code or encoder), interleaved repeats, median.
+                     of the same size (no buffers, code or encoder), interleaved repeats, median;
+                     with the buffer model's FLOPs per step (`diffusionrig_flops`, and its MFU on
+                     a GPU/TPU; so too below).
   unet_gradient_images_per_s_256  the same comparison for the paper's stage-1 model
                      (configs/diffusionrig_stage1.py, 256²) at batch 1, but of one forward and
                      backward pass of the loss through the UNet alone (buffers and code vs
